@@ -1,0 +1,1 @@
+"""The HTTP layer: one app per port (inference, management, metrics)."""

@@ -1,0 +1,151 @@
+"""Batcher: one bounded queue per model version that turns requests into batches.
+
+A batch leaves as soon as a worker is free and requests are waiting, holding at most ``batch_size``
+of them: while every worker is busy, arrivals pile up and the next free worker takes up to
+``batch_size`` at once, so batches grow with load; a lone request with an idle worker is sent at
+once (it never waits out a batch window). ``max_batch_delay`` is therefore only an upper bound on the
+time a request waits for companions, which this policy keeps at zero.
+A request whose caller went away (client disconnect, cancelled task) is dropped before it reaches a
+worker and frees its slot. Every admitted request is answered exactly once: with its response, or
+with the error that failed its batch.
+
+The batcher does not know about processes: the registry passes in the model's ``Workers`` (the
+pool). Runs in the front-end process; never imports the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from servekit.errors import HandlerError, QueueFullError, ServekitError, ServiceUnavailableError
+from servekit.protocol import Failure, Request, Response
+
+logger = logging.getLogger("servekit.batcher")
+W = TypeVar("W")
+
+
+class Workers(Protocol[W]):
+    """What the batcher needs from a pool of workers."""
+
+    @property
+    def target(self) -> int: ...
+
+    def acquire(self) -> Awaitable[W]: ...
+
+    def release(self, worker: W) -> None: ...
+
+    async def run(self, worker: W, requests: list[Request]) -> list[Response] | Failure: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    request: Request
+    future: asyncio.Future[Response]
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[W]):
+    """Queue, batch and dispatch the requests of one model version."""
+
+    def __init__(self, model: str, workers: Workers[W], batch_size: int, queue_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.queue_size = queue_size
+        self._workers = workers
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._arrival = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a worker."""
+        return len(self._queue)
+
+    async def submit(self, request: Request) -> Response:
+        """Queue one request and wait for its response; raises the ``ServekitError`` that failed it."""
+        if self._closed:
+            raise ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
+        if self._workers.target == 0:
+            raise ServiceUnavailableError(
+                f'Model "{self.model}" has no worker to serve inference request. '
+                "Please use scale workers API to add workers."
+            )
+        if len(self._queue) >= self.queue_size:
+            raise QueueFullError(self.model, self.queue_size)
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._queue.append(Pending(request, future))
+        self._arrival.set()
+        return await future
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            try:
+                worker = await self._workers.acquire()
+            except ServiceUnavailableError as exc:
+                self._fail_queued(exc)
+                continue
+            batch = self._take_batch()
+            if not batch:
+                self._workers.release(worker)
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(worker, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take_batch(self) -> list[Pending]:
+        batch: list[Pending] = []
+        while self._queue and len(batch) < self.batch_size:
+            pending = self._queue.popleft()
+            if not pending.future.done():  # cancelled: the caller went away
+                batch.append(pending)
+        return batch
+
+    async def _execute(self, worker: W, batch: list[Pending]) -> None:
+        try:
+            outcome = await self._workers.run(worker, [p.request for p in batch])
+        except ServekitError as exc:
+            outcome = exc
+        if isinstance(outcome, Failure):
+            outcome = HandlerError(
+                f"Prediction failed for model {self.model}: {outcome.kind}: {outcome.message}", outcome.status
+            )
+        for i, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, ServekitError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome[i])
+
+    def _fail_queued(self, error: ServekitError) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    async def close(self, timeout: float) -> None:
+        """Stop admitting; let queued and running batches finish for up to ``timeout`` seconds, then
+        fail whatever is still queued with 503."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._fail_queued(ServiceUnavailableError(f'Model "{self.model}" was unregistered'))
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatcher

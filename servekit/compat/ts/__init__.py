@@ -1,0 +1,1 @@
+"""servekit's stand-in for TorchServe's ``ts`` package (see ``../README.md``)."""

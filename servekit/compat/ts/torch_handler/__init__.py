@@ -1,0 +1,1 @@
+"""``ts.torch_handler`` for handlers written for TorchServe."""

@@ -1,0 +1,1 @@
+"""``ts.utils`` for handlers written for TorchServe."""

@@ -1,0 +1,230 @@
+"""Server settings: config.properties, then the environment, then command-line flags.
+
+This is the only module that reads the environment or a config file for the server. Everything is
+parsed once, at start, into the frozen ``Settings``; a value that cannot be parsed is a
+``ConfigError`` naming the key, never a silent default.
+
+Keys and defaults follow TorchServe 0.12's ``config.properties`` (``../shared/reference/torchserve.md`` §6).
+Environment variables ``TS_<KEY>`` are read only when ``enable_envvars_config=true``, as in TorchServe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from servekit.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listening address parsed from ``http://host:port``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, key: str, value: str) -> Address:
+        parts = urlsplit(value if "://" in value else f"http://{value}")
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ConfigError(f"{key}: expected http://host:port, got {value!r}")
+        return cls(parts.hostname, parts.port)
+
+    def __str__(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server needs to start, read once."""
+
+    inference_address: Address = Address("127.0.0.1", 8080)
+    management_address: Address = Address("127.0.0.1", 8081)
+    metrics_address: Address = Address("127.0.0.1", 8082)
+    model_store: Path | None = None
+    load_models: tuple[str, ...] = ()
+    models: Mapping[str, Mapping[str, Mapping[str, object]]] = field(default_factory=dict)
+    default_workers_per_model: int = 1
+    job_queue_size: int = 100
+    default_response_timeout: float = 120.0
+    default_startup_timeout: float = 120.0
+    unregister_model_timeout: float = 120.0
+    max_request_size: int = 6553500
+    max_response_size: int = 6553500
+    decode_input_request: bool = True
+    number_of_gpu: int | None = None
+    allowed_urls: tuple[str, ...] = (r"file://.*", r"http(s)?://.*")
+    disable_token_authorization: bool = False
+    enable_model_api: bool = False
+    snapshots: bool = True
+    raw: Mapping[str, str] = field(default_factory=dict)
+
+
+_INT_KEYS = ("default_workers_per_model", "job_queue_size", "max_request_size", "max_response_size")
+_FLOAT_KEYS = ("default_response_timeout", "default_startup_timeout", "unregister_model_timeout")
+_BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api")
+_ENV_KEYS = (
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "model_store",
+    "load_models",
+    "number_of_gpu",
+    "allowed_urls",
+    *_INT_KEYS,
+    *_FLOAT_KEYS,
+    *_BOOL_KEYS,
+)
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Parse Java ``.properties`` text: ``key=value``/``key: value``/``key value``, ``#``/``!``
+    comments, backslash line continuation and the usual escapes."""
+    result: dict[str, str] = {}
+    logical = ""
+    for raw_line in text.splitlines():
+        line = raw_line.lstrip()
+        if not logical and (not line or line[0] in "#!"):
+            continue
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2 == 1:
+            logical += line[:-1]
+            continue
+        logical += line
+        key, value = _split_property(logical)
+        result[key] = value
+        logical = ""
+    if logical:
+        key, value = _split_property(logical)
+        result[key] = value
+    return result
+
+
+def _split_property(line: str) -> tuple[str, str]:
+    match = re.match(r"((?:\\.|[^=:\s\\])*)\s*[=:\s]?\s*(.*)$", line, re.DOTALL)
+    assert match is not None  # the pattern matches every string
+    return _unescape(match.group(1)), _unescape(match.group(2))
+
+
+def _unescape(value: str) -> str:
+    table = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+    return re.sub(r"\\(.)", lambda m: table.get(m.group(1), m.group(1)), value)
+
+
+def _as_bool(key: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _as_number(key: str, value: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        number = kind(value.strip())
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return number
+
+
+def _expand_env(key: str, value: str, environ: Mapping[str, str]) -> str:
+    """Replace ``$$NAME$$`` with the environment variable NAME, as TorchServe does."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{key}: environment variable {name} is not set")
+        return environ[name]
+
+    return re.sub(r"\$\$(\w+)\$\$", lookup, value)
+
+
+def settings_from(values: Mapping[str, str]) -> Settings:
+    """Build ``Settings`` from string key/values (the merged file, env and flags)."""
+    kwargs: dict[str, object] = {}
+    for key in ("inference_address", "management_address", "metrics_address"):
+        if values.get(key):
+            kwargs[key] = Address.parse(key, values[key])
+    if values.get("model_store"):
+        kwargs["model_store"] = Path(values["model_store"]).expanduser().resolve()
+    if values.get("load_models"):
+        kwargs["load_models"] = tuple(m.strip() for m in values["load_models"].split(",") if m.strip())
+    if values.get("models"):
+        try:
+            models = json.loads(values["models"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"models: not valid JSON ({exc})") from None
+        if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+            raise ConfigError('models: expected {"name": {"version": {...}}}')
+        kwargs["models"] = models
+    for key in _INT_KEYS:
+        if values.get(key):
+            kwargs[key] = _as_number(key, values[key], int)
+    for key in _FLOAT_KEYS:
+        if values.get(key):
+            kwargs[key] = _as_number(key, values[key], float)
+    for key in _BOOL_KEYS:
+        if key in values:
+            kwargs[key] = _as_bool(key, values[key])
+    if values.get("number_of_gpu"):
+        kwargs["number_of_gpu"] = _as_number("number_of_gpu", values["number_of_gpu"], int)
+    if values.get("allowed_urls"):
+        patterns = tuple(p.strip() for p in values["allowed_urls"].split(",") if p.strip())
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"allowed_urls: bad pattern {pattern!r} ({exc})") from None
+        kwargs["allowed_urls"] = patterns
+    if "snapshots" in values:
+        kwargs["snapshots"] = _as_bool("snapshots", values["snapshots"])
+    return Settings(raw=dict(values), **kwargs)  # type: ignore[arg-type]
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    flags: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the config file (``--ts-config``, else ``TS_CONFIG_FILE``, else ``./config.properties``
+    if present), then ``TS_*`` variables if ``enable_envvars_config`` is true, then ``flags``."""
+    environ = os.environ if environ is None else environ
+    path = config_file or environ.get("TS_CONFIG_FILE")
+    values: dict[str, str] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        values = parse_properties(text)
+    elif Path("config.properties").is_file():
+        values = parse_properties(Path("config.properties").read_text())
+    values = {key: _expand_env(key, value, environ) for key, value in values.items()}
+    if _as_bool("enable_envvars_config", values.get("enable_envvars_config", "false")):
+        for key in _ENV_KEYS:
+            env_name = f"TS_{key.upper()}"
+            if env_name in environ:
+                values[key] = environ[env_name]
+    values.update(flags or {})
+    return settings_from(values)
+
+
+def detect_gpu_count(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+    """GPUs the workers may use, without importing torch in the front end: the NVIDIA device files,
+    narrowed by ``CUDA_VISIBLE_DEVICES`` and capped by ``number_of_gpu``."""
+    environ = os.environ if environ is None else environ
+    found = len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        found = min(found, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    if settings.number_of_gpu is not None:
+        found = min(found, settings.number_of_gpu)
+    return found

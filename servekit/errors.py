@@ -1,0 +1,132 @@
+"""The error tree of servekit (standard library only).
+
+Every error a client can see is a ``ServekitError``; the HTTP layer maps it to a response in one
+place (``servekit.api.errors``) from the class's ``status_code`` and ``code``::
+
+    ServekitError (500)
+    ├── BadRequestError (400)
+    │   ├── ArchiveError (400)          unsafe, corrupt or incomplete model archive
+    │   └── ConfigError (400)           a setting that cannot be parsed or is out of range
+    ├── ModelNotFoundError (404)
+    ├── ModelVersionNotFoundError (404)
+    ├── RequestTooLargeError (413)
+    ├── HandlerError (500)              the handler raised, or broke the batch contract
+    ├── ServiceUnavailableError (503)   no worker alive, or the model is shutting down
+    │   └── QueueFullError (503)
+    ├── WorkerDiedError (500)           the worker process ended while it held the batch
+    ├── ProtocolError (500)             a worker sent a frame that does not parse; treated as a crash
+    └── ResponseTimeoutError (504)      the worker did not answer within response_timeout
+
+``type`` in the JSON body is the class name, as TorchServe reports its Java exception names.
+"""
+
+from __future__ import annotations
+
+
+class ServekitError(Exception):
+    """Base of every error servekit reports to a client."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers that belong with this error."""
+        return {}
+
+
+class BadRequestError(ServekitError):
+    status_code = 400
+    code = "bad_request"
+
+
+class ArchiveError(BadRequestError):
+    code = "bad_archive"
+
+
+class ConfigError(BadRequestError):
+    code = "bad_config"
+
+
+class ModelNotFoundError(ServekitError):
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Model not found: {name}")
+        self.name = name
+
+
+class ModelVersionNotFoundError(ServekitError):
+    status_code = 404
+    code = "model_version_not_found"
+
+    def __init__(self, name: str, version: str) -> None:
+        super().__init__(f"Model version: {version} does not exist for model: {name}")
+        self.name = name
+        self.version = version
+
+
+class RequestTooLargeError(ServekitError):
+    status_code = 413
+    code = "request_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"Request body of {size} bytes exceeds max_request_size={limit}")
+        self.size = size
+        self.limit = limit
+
+
+class HandlerError(ServekitError):
+    """The handler raised or returned something that breaks the batch contract."""
+
+    code = "handler_error"
+
+    def __init__(self, message: str, status_code: int = 500) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ServiceUnavailableError(ServekitError):
+    status_code = 503
+    code = "service_unavailable"
+    retry_after_s = 1
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class QueueFullError(ServiceUnavailableError):
+    code = "queue_full"
+
+    def __init__(self, model: str, capacity: int) -> None:
+        super().__init__(f'Model "{model}" queue full: {capacity} requests waiting (job_queue_size={capacity})')
+        self.model = model
+        self.capacity = capacity
+
+
+class WorkerDiedError(ServekitError):
+    code = "worker_died"
+
+
+class ResponseTimeoutError(ServekitError):
+    status_code = 504
+    code = "response_timeout"
+
+
+class ProtocolError(ServekitError):
+    """A frame across the process boundary is malformed or too large."""
+
+    code = "protocol_error"
+
+
+def error_body(status: int, kind: str, message: str) -> bytes:
+    """The JSON error body clients get, TorchServe's shape: ``{"code", "type", "message"}``."""
+    import json
+
+    return json.dumps({"code": status, "type": kind, "message": message}).encode()

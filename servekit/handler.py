@@ -1,0 +1,355 @@
+"""The handler contract, compatible with TorchServe's (``ts.context``, ``ts.torch_handler.base_handler``).
+
+A handler turns a batch into a list of results, one per request, in order:
+
+- ``data`` is a list with one dict per request. A raw body arrives as ``{"body": value}``; a multipart or
+  url-encoded form arrives as one key per field. Values are decoded as TorchServe does: content type
+  ``application/json`` -> the parsed JSON, ``text/*`` -> ``str``, anything else -> ``bytearray``.
+- The result must be a list of exactly ``len(data)`` items. Each item is sent back as-is if it is
+  ``bytes``/``bytearray``, as UTF-8 text if it is a ``str``, with ``torch.save`` if it is a tensor, and as
+  JSON otherwise.
+
+Entry points (``load_handler``): a module with a ``handle(data, context)`` function (called once with
+``data=None`` to initialize), or a module defining exactly one class, instantiated without arguments,
+whose ``initialize(context)`` runs once and whose ``handle(data, context)`` runs per batch.
+
+Runs in the worker process; never imports asyncio or fastapi. torch is imported only inside
+``BaseHandler`` methods, so that a handler which does not use torch does not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from servekit.errors import HandlerError
+
+SERVER_NAME = "MMS"  # what TorchServe reports, kept for handlers that check it
+SERVER_VERSION = "0.1.0"
+
+
+class PredictionException(Exception):
+    """Raise from a handler to answer the whole batch with ``error_code`` and ``message``."""
+
+    def __init__(self, message: str, error_code: int = 500) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_code = error_code
+
+    def __str__(self) -> str:
+        return f"message : error_code => {self.message} : {self.error_code}"
+
+
+class RequestProcessor:
+    """Per-request headers in, status and headers out (TorchServe's ``ts.context.RequestProcessor``)."""
+
+    def __init__(self, request_header: dict[str, Any]) -> None:
+        self._status_code = 200
+        self._reason_phrase: str | None = None
+        self._response_header: dict[str, str] = {}
+        self._request_header = request_header
+
+    def get_request_property(self, key: str) -> Any:
+        return self._request_header.get(key)
+
+    def get_request_properties(self) -> dict[str, Any]:
+        return self._request_header
+
+    def report_status(self, code: int, reason_phrase: str | None = None) -> None:
+        self._status_code = code
+        self._reason_phrase = reason_phrase
+
+    def get_response_status_code(self) -> int:
+        return self._status_code
+
+    def get_response_status_phrase(self) -> str | None:
+        return self._reason_phrase
+
+    def add_response_property(self, key: str, value: str) -> None:
+        self._response_header[key] = value
+
+    def get_response_headers(self) -> dict[str, str]:
+        return self._response_header
+
+    def get_response_header(self, key: str) -> str | None:
+        return self._response_header.get(key)
+
+
+class Metrics:
+    """Handler-emitted metrics (``context.metrics``); values are kept for the worker to report."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, str]] = []
+
+    def add_metric(self, name: str, value: float, unit: str = "", *args: Any, **kwargs: Any) -> None:
+        self.records.append((name, float(value), unit))
+
+    def add_time(self, name: str, value: float, *args: Any, unit: str = "ms", **kwargs: Any) -> None:
+        self.add_metric(name, value, unit)
+
+    def add_counter(self, name: str, value: float, *args: Any, **kwargs: Any) -> None:
+        self.add_metric(name, value, "count")
+
+    def add_size(self, name: str, value: float, *args: Any, unit: str = "MB", **kwargs: Any) -> None:
+        self.add_metric(name, value, unit)
+
+    def add_percent(self, name: str, value: float, *args: Any, **kwargs: Any) -> None:
+        self.add_metric(name, value, "percent")
+
+
+class Context:
+    """What a handler knows about its model and the current batch (TorchServe's ``ts.context.Context``)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        model_dir: str,
+        manifest: dict[str, Any] | None,
+        batch_size: int,
+        gpu: int | None,
+        mms_version: str = SERVER_VERSION,
+        limit_max_image_pixels: bool = True,
+        metrics: Metrics | None = None,
+        model_yaml_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.manifest = manifest
+        self.system_properties: dict[str, Any] = {
+            "model_dir": model_dir,
+            "gpu_id": gpu,
+            "batch_size": batch_size,
+            "server_name": SERVER_NAME,
+            "server_version": mms_version,
+            "limit_max_image_pixels": limit_max_image_pixels,
+        }
+        self.request_ids: dict[int, str] | None = None
+        self.request_processor: list[RequestProcessor] = []
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.model_yaml_config = model_yaml_config or {}
+        self.stopping_criteria: Any = None
+        self.cl_socket: Any = None
+
+    def get_request_id(self, idx: int = 0) -> str | None:
+        return self.request_ids.get(idx) if self.request_ids else None
+
+    def get_request_header(self, idx: int, key: str) -> Any:
+        return self.request_processor[idx].get_request_property(key)
+
+    def get_all_request_header(self, idx: int) -> dict[str, Any]:
+        return self.request_processor[idx].get_request_properties()
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.set_response_header(idx, "content-type", value)
+
+    def get_response_content_type(self, idx: int) -> str | None:
+        return self.get_response_headers(idx).get("content-type")
+
+    def get_response_status(self, idx: int) -> tuple[int, str | None]:
+        processor = self.request_processor[idx]
+        return processor.get_response_status_code(), processor.get_response_status_phrase()
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        if self.request_processor:
+            self.request_processor[idx].report_status(code, phrase)
+
+    def set_all_response_status(self, code: int = 200, phrase: str = "") -> None:
+        for processor in self.request_processor:
+            processor.report_status(code, phrase)
+
+    def get_response_headers(self, idx: int) -> dict[str, str]:
+        return self.request_processor[idx].get_response_headers()
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.request_processor[idx].add_response_property(key, value)
+
+    def get_sequence_id(self, idx: int) -> str | None:
+        return self.request_processor[idx].get_request_property("ts_request_sequence_id")
+
+
+class BaseHandler:
+    """TorchServe's default handler: loads an eager or TorchScript model and runs
+    ``preprocess -> inference -> postprocess``. Subclass it and override any step."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.mapping: Any = None
+        self.device: Any = None
+        self.initialized = False
+        self.context: Context | None = None
+        self.manifest: dict[str, Any] | None = None
+        self.map_location: str | None = None
+        self.explain = False
+        self.target = 0
+        self.model_yaml_config: dict[str, Any] = {}
+
+    def initialize(self, context: Context) -> None:
+        """Pick the device, then load ``serializedFile``: as a state dict into the one ``nn.Module``
+        class of ``modelFile`` (``torch.load(weights_only=True)`` unless the model config says
+        ``weightsOnly: false``), or else as TorchScript."""
+        import torch
+
+        self.context = context
+        self.manifest = context.manifest
+        self.model_yaml_config = context.model_yaml_config
+        properties = context.system_properties
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.map_location = "cuda"
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.map_location = "cpu"
+            self.device = torch.device("cpu")
+        model_dir = properties["model_dir"]
+        model_section = (self.manifest or {}).get("model", {})
+        serialized = model_section.get("serializedFile")
+        model_pt_path = os.path.join(model_dir, serialized) if serialized else None
+        model_file = model_section.get("modelFile")
+        if model_file:
+            self.model = self._load_pickled_model(model_dir, model_file, model_pt_path)
+        elif model_pt_path and os.path.isfile(model_pt_path):
+            self.model = self._load_torchscript_model(model_pt_path)
+        else:
+            raise RuntimeError("No model weights could be loaded")
+        self.model.eval()
+        mapping_file = os.path.join(model_dir, "index_to_name.json")
+        if os.path.isfile(mapping_file):
+            self.mapping = load_label_mapping(mapping_file)
+        self.initialized = True
+
+    def _load_torchscript_model(self, model_pt_path: str) -> Any:
+        import torch
+
+        return torch.jit.load(model_pt_path, map_location=self.device)
+
+    def _load_pickled_model(self, model_dir: str, model_file: str, model_pt_path: str | None) -> Any:
+        import torch
+
+        module = _import_file(model_dir, model_file)
+        classes = list_classes_from_module(module, torch.nn.Module)
+        if len(classes) != 1:
+            names = [cls.__name__ for cls in classes]
+            raise ValueError(f"Expected exactly one nn.Module class in {model_file}, found {names}")
+        model = classes[0]()
+        if model_pt_path:
+            weights_only = bool(self.model_yaml_config.get("weightsOnly", True))
+            state_dict = torch.load(model_pt_path, map_location=self.device, weights_only=weights_only)
+            model.load_state_dict(state_dict)
+        return model.to(self.device)
+
+    def preprocess(self, data: list[Any]) -> Any:
+        import torch
+
+        return torch.as_tensor(data, device=self.device)
+
+    def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(data, *args, **kwargs)
+
+    def postprocess(self, data: Any) -> list[Any]:
+        return data.tolist()  # type: ignore[no-any-return]
+
+    def handle(self, data: list[Any], context: Context) -> list[Any]:
+        self.context = context
+        start = time.perf_counter()
+        if context.get_request_header(0, "describe") == "True":
+            return [self.describe_handle()]
+        model_input = self.preprocess(data)
+        if context.get_request_header(0, "explain") == "True":
+            output = self.explain_handle(model_input, data)
+        else:
+            output = self.postprocess(self.inference(model_input))
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2))
+        return output  # type: ignore[no-any-return]
+
+    def explain_handle(self, data_preprocess: Any, raw_data: list[Any]) -> list[Any]:
+        raise PredictionException("This handler does not implement explanations", 501)
+
+    def describe_handle(self) -> str:
+        return json.dumps({"model": (self.manifest or {}).get("model", {})})
+
+
+def load_label_mapping(mapping_file_path: str) -> dict[str, Any]:
+    """Read ``index_to_name.json`` (``{"0": "cat", ...}``)."""
+    with open(mapping_file_path) as handle:
+        mapping = json.load(handle)
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{mapping_file_path}: expected a JSON object of index -> label")
+    return mapping
+
+
+def map_class_to_label(probs: list[list[float]], mapping: dict[str, Any] | None = None, lbl_classes: Any = None) -> Any:
+    """Turn per-class probabilities into ``[{label: prob, ...}, ...]`` as TorchServe's util does."""
+    if lbl_classes is None:
+        lbl_classes = [[str(i) for i in range(len(row))] for row in probs]
+    if mapping is not None:
+        lbl_classes = [[mapping.get(str(c), str(c)) for c in row] for row in lbl_classes]
+    return [dict(zip(labels, row, strict=False)) for labels, row in zip(lbl_classes, probs, strict=False)]
+
+
+def list_classes_from_module(module: Any, parent_class: type | None = None) -> list[type]:
+    """The classes defined in ``module`` itself (not imported into it), optionally of one base."""
+    classes = [obj for _, obj in inspect.getmembers(module, inspect.isclass) if obj.__module__ == module.__name__]
+    if parent_class is not None:
+        classes = [cls for cls in classes if issubclass(cls, parent_class)]
+    return classes
+
+
+def _import_file(model_dir: str, file_name: str) -> Any:
+    module_name = Path(file_name).stem
+    if model_dir not in sys.path:
+        sys.path.insert(0, model_dir)
+    return importlib.import_module(module_name)
+
+
+EntryPoint = Callable[[list[Any], Context], Any]
+
+
+def load_handler(handler: str, model_dir: str, context: Context) -> EntryPoint:
+    """Import the handler named in the manifest and initialize it; return the per-batch callable.
+
+    ``handler`` is ``module[.py][:function]`` relative to ``model_dir``, or a built-in name
+    (``base_handler``). Raises ``HandlerError`` naming what could not be found.
+    """
+    module_part, _, function_name = handler.partition(":")
+    module_name = Path(module_part).name.removesuffix(".py")
+    if not module_name:
+        raise HandlerError("The model has no handler")
+    if model_dir not in sys.path:
+        sys.path.insert(0, model_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the handler was found, but its own import failed: report that
+        try:
+            module = importlib.import_module(f"ts.torch_handler.{module_name}")
+        except ModuleNotFoundError:
+            raise HandlerError(f"Handler module {module_name!r} not found in {model_dir} or the built-ins") from None
+    function = getattr(module, function_name or "handle", None)
+    if function_name and function is None:
+        raise HandlerError(f"Handler module {module_name!r} has no function {function_name!r}")
+    if callable(function) and not inspect.isclass(function):
+        function(None, context)
+        return function  # type: ignore[no-any-return]
+    classes = list_classes_from_module(module)
+    if len(classes) != 1:
+        names = [cls.__name__ for cls in classes]
+        raise HandlerError(
+            f"Handler module {module_name!r} must define a handle() function or exactly one class; found {names}"
+        )
+    instance = classes[0]()
+    if not callable(getattr(instance, "handle", None)):
+        raise HandlerError(f"Handler class {classes[0].__name__} has no handle(data, context) method")
+    initialize = getattr(instance, "initialize", None)
+    if callable(initialize):
+        initialize(context)
+    return instance.handle  # type: ignore[no-any-return]

@@ -1,0 +1,214 @@
+"""Messages between the front end and a worker process, and how they are framed.
+
+A frame is ``>I`` total length, ``>I`` header length, a JSON header, then the binary parts (request
+bodies, response payloads) back to back; the header lists their lengths under ``"parts"``. Bodies
+therefore cross the boundary as raw bytes, never re-encoded. The front end decodes every frame from a
+worker with ``decode``, which checks every length before use and raises ``ProtocolError``.
+
+Standard library only; no asyncio (the worker imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from servekit.errors import ProtocolError
+
+PREFIX = struct.Struct(">II")  # frame length (after these 4 bytes), header length
+LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCommand:
+    """Sent once to a new worker: what to load and how."""
+
+    model_name: str
+    model_dir: str
+    handler: str
+    manifest: dict[str, Any]
+    model_yaml_config: dict[str, Any]
+    batch_size: int
+    gpu_id: int | None
+    torch_threads: int
+    decode_input_request: bool = True
+    max_response_size: int = 6553500
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One input of a request: the whole body (name ``body``) or one form field."""
+
+    name: str
+    content_type: str | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    request_id: str
+    headers: dict[str, str]
+    fields: tuple[Field, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One request's answer from the handler."""
+
+    status: int
+    content_type: str | None
+    payload: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A whole batch (or a load) failed; crosses the boundary as data, never as a pickled exception."""
+
+    status: int
+    kind: str
+    message: str
+    traceback: str = ""
+
+
+def encode(
+    header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview] = ()
+) -> list[bytes | bytearray | memoryview]:
+    """The frame as a list of buffers, ready for ``writelines``/``sendmsg`` without joining them."""
+    head = json.dumps({**header, "parts": [len(p) for p in parts]}, separators=(",", ":")).encode()
+    total = LENGTH.size + len(head) + sum(len(p) for p in parts)
+    return [PREFIX.pack(total, len(head)), head, *parts]
+
+
+def decode(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
+    """Split a frame body (what follows the total length) into its header and parts."""
+    if len(body) < LENGTH.size:
+        raise ProtocolError("frame shorter than its header length")
+    (head_len,) = LENGTH.unpack_from(body)
+    if head_len > len(body) - LENGTH.size:
+        raise ProtocolError(f"header length {head_len} exceeds frame of {len(body)} bytes")
+    try:
+        header = json.loads(body[LENGTH.size : LENGTH.size + head_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    lengths = header.get("parts") if isinstance(header, dict) else None
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= 0 for n in lengths):
+        raise ProtocolError("header has no valid parts list")
+    offset = LENGTH.size + head_len
+    if offset + sum(lengths) != len(body):
+        raise ProtocolError("part lengths do not add up to the frame length")
+    view = memoryview(body)
+    parts = []
+    for n in lengths:
+        parts.append(view[offset : offset + n])
+        offset += n
+    return header, parts
+
+
+def encode_load(command: LoadCommand) -> list[bytes | bytearray | memoryview]:
+    return encode({"op": "load", **asdict(command)})
+
+
+def encode_batch(requests: Sequence[Request]) -> list[bytes | bytearray | memoryview]:
+    meta = [
+        {"id": r.request_id, "headers": r.headers, "fields": [[f.name, f.content_type] for f in r.fields]}
+        for r in requests
+    ]
+    return encode({"op": "batch", "requests": meta}, [f.value for r in requests for f in r.fields])
+
+
+def decode_batch(header: dict[str, Any], parts: list[memoryview]) -> list[Request]:
+    values = iter(parts)
+    return [
+        Request(
+            meta["id"],
+            meta["headers"],
+            tuple(Field(name, ctype, bytes(next(values))) for name, ctype in meta["fields"]),
+        )
+        for meta in header["requests"]
+    ]
+
+
+def encode_responses(responses: Sequence[Response]) -> list[bytes | bytearray | memoryview]:
+    meta = [[r.status, r.content_type, r.headers, r.reason] for r in responses]
+    return encode({"op": "result", "responses": meta}, [r.payload for r in responses])
+
+
+def decode_responses(header: dict[str, Any], parts: list[memoryview], expected: int) -> list[Response]:
+    """Responses of a batch of ``expected`` requests; anything malformed is a ``ProtocolError``."""
+    meta = header.get("responses")
+    if not isinstance(meta, list) or len(meta) != expected or len(parts) != expected:
+        raise ProtocolError(f"expected {expected} responses from the worker")
+    responses = []
+    for item, payload in zip(meta, parts, strict=True):
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], int) and 100 <= item[0] <= 599):
+            raise ProtocolError(f"malformed response entry {item!r:.200}")
+        status, content_type, headers, reason = item
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ProtocolError("response headers must map strings to strings")
+        if not (content_type is None or isinstance(content_type, str)) or not (
+            reason is None or isinstance(reason, str)
+        ):
+            raise ProtocolError("content type and reason must be strings")
+        responses.append(Response(status, content_type, bytes(payload), headers, reason))
+    return responses
+
+
+def encode_failure(failure: Failure) -> list[bytes | bytearray | memoryview]:
+    return encode({"op": "failure", **asdict(failure)})
+
+
+def decode_failure(header: dict[str, Any]) -> Failure:
+    try:
+        failure = Failure(int(header["status"]), str(header["kind"]), str(header["message"]), str(header["traceback"]))
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("malformed failure message") from None
+    if not 400 <= failure.status <= 599:
+        raise ProtocolError(f"failure status {failure.status} out of range")
+    return failure
+
+
+def send_frame(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
+    """Blocking send of a whole frame (worker side)."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        sent = sock.sendmsg(pending[:512])
+        while sent and pending:
+            if sent >= len(pending[0]):
+                sent -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
+
+
+def recv_frame(sock: socket.socket) -> bytes | None:
+    """Blocking read of one frame body (worker side); ``None`` when the front end closed the socket."""
+    prefix = _recv_exactly(sock, LENGTH.size)
+    if prefix is None:
+        return None
+    (total,) = LENGTH.unpack(prefix)
+    body = _recv_exactly(sock, total)
+    if body is None:
+        raise ProtocolError("connection closed inside a frame")
+    return body
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    got = 0
+    while got < n:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            if got == 0:
+                return None
+            raise ProtocolError("connection closed inside a frame")
+        got += count
+    return bytes(buffer)

@@ -1,0 +1,136 @@
+"""The server process: builds the registry and the three apps, binds the ports, loads the startup
+models, and owns signals and shutdown.
+
+SIGTERM or SIGINT: stop accepting connections, let the requests in flight finish, stop the workers,
+exit 0. ``/ping`` answers ``Unhealthy`` until every startup model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import uvicorn
+
+from servekit.api.inference import create_inference_app
+from servekit.api.management import create_management_app
+from servekit.api.metrics import create_metrics_app
+from servekit.archive import ARCHIVE_SUFFIXES, open_archive
+from servekit.config import Settings
+from servekit.errors import ConfigError, ServekitError
+from servekit.metrics import Metrics
+from servekit.registry import ModelRegistry
+
+logger = logging.getLogger("servekit.server")
+
+
+def pid_file() -> Path:
+    """Where a running server records its PID (per temp dir, like TorchServe's ``.model_server.pid``)."""
+    return Path(tempfile.gettempdir()) / ".servekit.pid"
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to ``serve``, so three can share one process."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def startup_models(settings: Settings) -> list[tuple[str | None, Path, str]]:
+    """``load_models`` as (name or None, path, url) triples; ``all`` means every archive in the store."""
+    store = settings.model_store
+    entries: list[tuple[str | None, Path, str]] = []
+    for item in settings.load_models:
+        if item == "all":
+            if store is None:
+                raise ConfigError("load_models=all needs a model store")
+            for path in sorted(store.iterdir()):
+                if not path.name.startswith(".") and (path.is_dir() or path.name.endswith(ARCHIVE_SUFFIXES)):
+                    entries.append((None, path, path.name))
+            continue
+        name, _, location = item.rpartition("=")
+        if ".." in Path(location).parts:
+            raise ConfigError(f"load_models: relative path is not allowed in {location!r}")
+        path = Path(location) if Path(location).is_absolute() or store is None else store / location
+        entries.append((name or None, path, location))
+    return entries
+
+
+async def load_startup_models(registry: ModelRegistry) -> None:
+    async def load(name: str | None, path: Path, url: str) -> None:
+        try:
+            spec = await asyncio.to_thread(open_archive, path, name)
+            await registry.register(spec, url, loaded_at_startup=True)
+            logger.info("loaded model %s version %s from %s", spec.name, spec.version, url)
+        except ServekitError as exc:
+            logger.error("cannot load model from %s: %s", url, exc.message)
+
+    await asyncio.gather(*(load(*entry) for entry in startup_models(registry.settings)))
+
+
+async def serve(settings: Settings) -> int:
+    registry = ModelRegistry(settings)
+    metrics = Metrics()
+    apps = [
+        (create_inference_app(registry, metrics), settings.inference_address),
+        (create_management_app(registry), settings.management_address),
+        (create_metrics_app(metrics), settings.metrics_address),
+    ]
+    servers = [
+        _Server(
+            uvicorn.Config(
+                app,
+                host=a.host,
+                port=a.port,
+                http="httptools",
+                lifespan="off",
+                access_log=False,
+                log_level="warning",
+                timeout_graceful_shutdown=30,
+            )
+        )
+        for app, a in apps
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        if any(t.done() for t in tasks):
+            logger.error("could not bind the server ports")
+            for s in servers:
+                s.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return 1
+        await asyncio.sleep(0.02)
+    pid_file().write_text(json.dumps({"pid": os.getpid(), "inference_address": str(settings.inference_address)}))
+    try:
+        await load_startup_models(registry)
+        registry.starting = False
+        print("Model server started.", flush=True)
+        await stop.wait()
+        logger.info("shutting down")
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await registry.close()
+    finally:
+        with contextlib.suppress(OSError):
+            if json.loads(pid_file().read_text()).get("pid") == os.getpid():
+                pid_file().unlink()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run the server in this process until SIGTERM/SIGINT; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    return uvloop.run(serve(settings))

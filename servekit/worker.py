@@ -1,0 +1,169 @@
+"""A worker process: loads one model with its handler, then runs one batch at a time.
+
+Started by the pool as ``python -m servekit.worker --fd N``, where N is this end of a socket pair the
+front end created. The first frame is a ``LoadCommand``; the worker answers ``loaded`` or a
+``Failure``, then loops: receive a batch, call the handler, send one ``Response`` per request (or one
+``Failure`` for the batch). It exits when the front end closes the socket, so it never outlives the
+server by more than the batch it is running.
+
+Runs in the worker process; never imports asyncio, fastapi, the pool or metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from servekit import protocol
+from servekit.errors import error_body
+from servekit.handler import Context, EntryPoint, PredictionException, RequestProcessor, load_handler
+
+COMPAT_PATH = str(Path(__file__).parent / "compat")
+
+
+def decode_value(value: bytes, content_type: str | None, decode: bool) -> Any:
+    """TorchServe's input decoding: JSON for ``application/json``, ``str`` for ``text/*``, else ``bytearray``."""
+    if decode and content_type == "application/json":
+        try:
+            return json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return bytearray(value)
+    if decode and content_type is not None and content_type.startswith("text"):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return bytearray(value)
+    return bytearray(value)
+
+
+def encode_value(value: Any) -> tuple[bytes, str | None]:
+    """A handler result as bytes and its default content type; ``TypeError`` if it cannot be sent."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), "application/octet-stream"
+    if isinstance(value, str):
+        return value.encode(), "text/plain; charset=utf-8"
+    if type(value).__module__.startswith("torch") and type(value).__name__ == "Tensor":
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue(), "application/octet-stream"
+    return json.dumps(value, separators=(",", ":")).encode(), "application/json"
+
+
+class Worker:
+    """The handler of one model and the per-batch bookkeeping around it."""
+
+    def __init__(self, command: protocol.LoadCommand) -> None:
+        self.command = command
+        self.context = Context(
+            command.model_name,
+            command.model_dir,
+            command.manifest,
+            command.batch_size,
+            command.gpu_id,
+            model_yaml_config=command.model_yaml_config,
+        )
+        self.entry: EntryPoint = load_handler(command.handler, command.model_dir, self.context)
+
+    def run(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
+        decode = self.command.decode_input_request
+        data = [{f.name: decode_value(f.value, f.content_type, decode) for f in r.fields} for r in requests]
+        self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
+        self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
+        try:
+            results = self.entry(data, self.context)
+        except PredictionException as exc:
+            return protocol.Failure(exc.error_code, "PredictionException", exc.message, traceback.format_exc())
+        except MemoryError:
+            return protocol.Failure(507, "MemoryError", "Out of resources", traceback.format_exc())
+        except Exception as exc:
+            return protocol.Failure(500, type(exc).__name__, str(exc), traceback.format_exc())
+        if not isinstance(results, list):
+            return protocol.Failure(
+                500,
+                "HandlerError",
+                f"Invalid model predict output: handler returned {type(results).__name__}, expected a list",
+            )
+        if len(results) != len(requests):
+            return protocol.Failure(
+                500,
+                "HandlerError",
+                f"number of batch response mismatched: handler returned {len(results)} results "
+                f"for a batch of {len(requests)} requests",
+            )
+        return [self._response(i, value) for i, value in enumerate(results)]
+
+    def _response(self, idx: int, value: Any) -> protocol.Response:
+        processor = self.context.request_processor[idx]
+        try:
+            payload, content_type = encode_value(value)
+        except (TypeError, ValueError) as exc:
+            message = f"Unsupported model output data type: {exc}"
+            return protocol.Response(500, "application/json", error_body(500, "HandlerError", message))
+        limit = self.command.max_response_size
+        if len(payload) > limit:
+            message = f"Response of {len(payload)} bytes exceeds max_response_size={limit}"
+            return protocol.Response(500, "application/json", error_body(500, "ResponseTooLargeError", message))
+        headers = processor.get_response_headers()
+        content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
+        status = processor.get_response_status_code()
+        return protocol.Response(status, content_type, payload, headers, processor.get_response_status_phrase())
+
+
+def prepare_process(command: protocol.LoadCommand) -> None:
+    """Process-wide setup before the handler is imported: threads, paths, working directory."""
+    if importlib.util.find_spec("ts") is None:
+        sys.path.append(COMPAT_PATH)
+    sys.path.insert(0, command.model_dir)
+    os.chdir(command.model_dir)
+    import torch
+
+    torch.set_num_threads(command.torch_threads)
+
+
+def serve(sock: socket.socket) -> int:
+    body = protocol.recv_frame(sock)
+    if body is None:
+        return 0
+    header, _ = protocol.decode(body)
+    fields = {k: v for k, v in header.items() if k not in ("op", "parts")}
+    command = protocol.LoadCommand(**fields)
+    try:
+        prepare_process(command)
+        worker = Worker(command)
+    except BaseException as exc:
+        failure = protocol.Failure(500, type(exc).__name__, str(exc) or repr(exc), traceback.format_exc())
+        protocol.send_frame(sock, protocol.encode_failure(failure))
+        return 1
+    protocol.send_frame(sock, protocol.encode({"op": "loaded", "pid": os.getpid()}))
+    while (body := protocol.recv_frame(sock)) is not None:
+        header, parts = protocol.decode(body)
+        requests = protocol.decode_batch(header, parts)
+        outcome = worker.run(requests)
+        if isinstance(outcome, protocol.Failure):
+            protocol.send_frame(sock, protocol.encode_failure(outcome))
+        else:
+            protocol.send_frame(sock, protocol.encode_responses(outcome))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="servekit.worker")
+    parser.add_argument("--fd", type=int, required=True, help="this worker's end of the socket pair")
+    args = parser.parse_args(argv)
+    with socket.socket(fileno=args.fd) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
