@@ -31,8 +31,7 @@ def describe(model: Model) -> dict[str, Any]:
         "workers": [
             {
                 "id": w.id,
-                "startTime": datetime.fromtimestamp(w.start_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-                + "Z",
+                "startTime": datetime.fromtimestamp(w.start_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                 "status": w.status,
                 "pid": w.pid,
                 "gpu": w.gpu_id is not None,

@@ -1,0 +1,201 @@
+"""Shared test helpers: real torch models archived in tmp dirs, and real servers on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from servekit import archiver
+
+MLP_PY = """
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+# A handler file written for TorchServe: imports from `ts.`, reads {"data": [...]} JSON bodies.
+TS_HANDLER_PY = """
+import json
+
+import torch
+from ts.context import Context
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+
+class MLPHandler(BaseHandler):
+    def preprocess(self, data):
+        rows = []
+        for row in data:
+            body = row.get("body", row.get("data"))
+            if isinstance(body, (bytes, bytearray)):
+                body = json.loads(body)
+            if not isinstance(body, dict) or "data" not in body:
+                raise PredictionException("expected a JSON object with a 'data' list", 400)
+            rows.append(body["data"])
+        return torch.tensor(rows, dtype=torch.float32)
+"""
+
+
+def build_mlp(seed: int = 0) -> torch.nn.Module:
+    namespace: dict[str, object] = {}
+    exec(MLP_PY, namespace)  # the same source that goes into the archive
+    torch.manual_seed(seed)
+    model = namespace["MLP"]()  # type: ignore[operator]
+    assert isinstance(model, torch.nn.Module)
+    return model.eval()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def make_archive(
+    store: Path,
+    name: str,
+    handler_src: str,
+    *,
+    work: Path,
+    model: str | None = None,
+    config: str | None = None,
+    fmt: str = "default",
+    version: str = "1.0",
+    extra: Sequence[str] = (),
+) -> Path:
+    """Archive a model with ``servekit archive`` into ``store``. ``model`` is None (handler only),
+    "eager" (model.py + state dict) or "torchscript"."""
+    src = work / f"src-{name}-{version}"
+    src.mkdir(parents=True, exist_ok=True)
+    args = ["--model-name", name, "--version", version, "--export-path", str(store), "--archive-format", fmt]
+    args += ["--handler", str(write(src / f"{name}_handler.py", handler_src))]
+    if model is not None:
+        net = build_mlp()
+        if model == "eager":
+            args += ["--model-file", str(write(src / "model.py", MLP_PY))]
+            torch.save(net.state_dict(), src / "weights.pt")
+        else:
+            torch.jit.trace(net, torch.zeros(1, 16)).save(str(src / "weights.pt"))
+        args += ["--serialized-file", str(src / "weights.pt")]
+    if config is not None:
+        args += ["--config-file", str(write(src / "model-config.yaml", config))]
+    if extra:
+        args += ["--extra-files", ",".join(extra)]
+    assert archiver.main(args) == 0
+    return next(p for p in store.iterdir() if p.name.startswith(name))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    inference: str
+    management: str
+    metrics: str
+    log: Path
+    workdir: Path
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.post(self.inference + path, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_config(path: Path, ports: Sequence[int], extra: dict[str, str] | None = None) -> Path:
+    lines = [
+        f"inference_address=http://127.0.0.1:{ports[0]}",
+        f"management_address=http://127.0.0.1:{ports[1]}",
+        f"metrics_address=http://127.0.0.1:{ports[2]}",
+    ]
+    lines += [f"{k}={v}" for k, v in (extra or {}).items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text(errors='replace')}")
+
+
+@contextlib.contextmanager
+def running_server(
+    workdir: Path,
+    store: Path,
+    models: Sequence[str] = ("all",),
+    config: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+    wait: bool = True,
+) -> Iterator[Server]:
+    """``servekit start --foreground`` in a subprocess on free ports; stopped (TERM, then KILL) afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = [free_port() for _ in range(3)]
+    cfg = write_config(workdir / "config.properties", ports, config)
+    log = workdir / "server.log"
+    env = {**os.environ, "TMPDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "servekit", "start", "--foreground", "--model-store", str(store)]
+    command += ["--ts-config", str(cfg), "--models", *models, *args]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(process, *(f"http://127.0.0.1:{p}" for p in ports), log=log, workdir=workdir)
+    try:
+        if wait:
+            wait_healthy(server.inference, process, log)
+        yield server
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found

@@ -1,0 +1,98 @@
+"""``servekit start`` / ``servekit stop`` as scripts use them: background start that returns once healthy, stop that
+ends the server and its workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import TS_HANDLER_PY, free_port, make_archive, write_config
+
+SERVEKIT = str(Path(sys.executable).with_name("servekit"))
+
+
+def run_cli(args: list[str], workdir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    return subprocess.run([SERVEKIT, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    store.mkdir()
+    make_archive(store, "mlp", TS_HANDLER_PY, work=tmp_path / "work", model="eager")
+    return store
+
+
+def test_cli_start_returns_when_healthy_and_stop_ends_server_and_workers(tmp_path: Path, store: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    cfg = write_config(tmp_path / "config.properties", ports)
+    args = ["start", "--model-store", str(store), "--models", "mlp=mlp.mar", "--ts-config", str(cfg)]
+    args += ["--ncs", "--disable-token-auth", "--enable-model-api"]  # flags TorchServe scripts pass
+    started = run_cli(args, tmp_path)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        # start returned only once the server answers /ping as healthy
+        ping = httpx.get(f"http://127.0.0.1:{ports[0]}/ping")
+        assert ping.json() == {"status": "Healthy"}
+        reply = httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/mlp", json={"data": [0.0] * 16})
+        assert reply.status_code == 200 and len(reply.json()) == 4
+        workers = httpx.get(f"http://127.0.0.1:{ports[1]}/models/mlp").json()[0]["workers"]
+        pids = [w["pid"] for w in workers]
+        server_pid = int(__import__("json").loads((tmp_path / ".servekit.pid").read_text())["pid"])
+        again = run_cli(args, tmp_path)
+        assert again.returncode == 1 and "already running" in again.stdout
+    finally:
+        stopped = run_cli(["stop"], tmp_path)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert wait_gone([server_pid, *pids]) == []
+    assert not (tmp_path / ".servekit.pid").exists()
+    assert "Model server started." in (tmp_path / "logs" / "servekit.log").read_text()
+
+
+def test_cli_stop_without_server_says_so(tmp_path: Path) -> None:
+    result = run_cli(["stop"], tmp_path)
+    assert result.returncode == 0
+    assert "not currently running" in result.stdout
+
+
+def test_cli_start_fails_fast_when_port_is_taken(tmp_path: Path, store: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = [busy.getsockname()[1], free_port(), free_port()]
+        cfg = write_config(tmp_path / "config.properties", ports)
+        result = run_cli(["start", "--model-store", str(store), "--models", "all", "--ts-config", str(cfg)], tmp_path)
+    assert result.returncode == 1
+    assert "failed to start" in result.stdout
+
+
+def test_cli_start_rejects_bad_config_with_message(tmp_path: Path, store: Path) -> None:
+    cfg = tmp_path / "bad.properties"
+    cfg.write_text("job_queue_size=lots\n")
+    result = run_cli(["start", "--model-store", str(store), "--ts-config", str(cfg)], tmp_path)
+    assert result.returncode == 1
+    assert "job_queue_size" in result.stderr
