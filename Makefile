@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check servekit tests benchmarks
 	$(BIN)/ruff format --check servekit tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -16,6 +16,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -69,6 +70,8 @@ def open_archive(path: Path, name: str | None = None, staging_root: Path | None 
         return _read_model_dir(_single_subdir(path), name or None, path, None)
     if not path.is_file():
         raise ArchiveError(f"Model not found at: {path}")
+    if staging_root is not None:
+        staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="servekit-model-", dir=staging_root))
     try:
         target = staging / "model"
@@ -112,7 +115,7 @@ def _extract_zip(archive: Path, target: Path) -> None:
                     raise ArchiveError(f"{archive.name}: entry {info.filename!r} has a suspicious compression ratio")
             for info in infos:
                 zf.extract(info, target)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
         raise ArchiveError(f"{archive.name}: corrupt archive ({exc})") from None
 
 
@@ -120,13 +123,16 @@ def _extract_tar(archive: Path, target: Path) -> None:
     try:
         with tarfile.open(archive) as tf:
             members = tf.getmembers()
-            _check_totals(archive, len(members), sum(m.size for m in members))
+            total = sum(m.size for m in members)
+            _check_totals(archive, len(members), total)
+            if total > 2**20 and total > MAX_RATIO * archive.stat().st_size:
+                raise ArchiveError(f"{archive.name}: suspicious compression ratio ({total} bytes uncompressed)")
             for member in members:
                 _check_member(archive, member.name)
                 if not (member.isfile() or member.isdir()):
                     raise ArchiveError(f"{archive.name}: entry {member.name!r} is a link or special file")
             tf.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, zlib.error, OSError, EOFError) as exc:
         raise ArchiveError(f"{archive.name}: corrupt archive ({exc})") from None
 
 
@@ -159,7 +165,9 @@ def _read_model_dir(model_dir: Path, name: str | None, source: Path, staging: Pa
     config: dict[str, Any] = {}
     config_file = model.get("configFile")
     if config_file:
-        config_path = model_dir / config_file
+        config_path = (model_dir / config_file).resolve()
+        if not config_path.is_relative_to(model_dir.resolve()):
+            raise ArchiveError(f"{source.name}: model config {config_file!r} is outside the model folder")
         try:
             loaded = yaml.safe_load(config_path.read_text())
         except (OSError, yaml.YAMLError) as exc:

@@ -119,18 +119,21 @@ class Batcher(Generic[W]):
         try:
             outcome = await self._workers.run(worker, [p.request for p in batch])
         except ServekitError as exc:
-            outcome = exc
+            self._fail(batch, exc)
+            return
         if isinstance(outcome, Failure):
-            outcome = HandlerError(
-                f"Prediction failed for model {self.model}: {outcome.kind}: {outcome.message}", outcome.status
-            )
-        for i, pending in enumerate(batch):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, ServekitError):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome[i])
+            message = f"Prediction failed for model {self.model}: {outcome.kind}: {outcome.message}"
+            self._fail(batch, HandlerError(message, outcome.status))
+            return
+        for pending, response in zip(batch, outcome, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(response)
+
+    @staticmethod
+    def _fail(batch: list[Pending], error: ServekitError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     def _fail_queued(self, error: ServekitError) -> None:
         while self._queue:

@@ -68,7 +68,7 @@ def _ping(settings: Settings) -> bool:
     url = f"http://{settings.inference_address.host}:{settings.inference_address.port}/ping"
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 

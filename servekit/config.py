@@ -31,12 +31,17 @@ class Address:
     @classmethod
     def parse(cls, key: str, value: str) -> Address:
         parts = urlsplit(value if "://" in value else f"http://{value}")
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None:
             raise ConfigError(f"{key}: expected http://host:port, got {value!r}")
-        return cls(parts.hostname, parts.port)
+        return cls(parts.hostname, port)
 
     def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +118,13 @@ def _split_property(line: str) -> tuple[str, str]:
 
 def _unescape(value: str) -> str:
     table = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
-    return re.sub(r"\\(.)", lambda m: table.get(m.group(1), m.group(1)), value)
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1):
+            return chr(int(match.group(1), 16))
+        return table.get(match.group(2), match.group(2))
+
+    return re.sub(r"\\(?:u([0-9a-fA-F]{4})|(.))", replace, value)
 
 
 def _as_bool(key: str, value: str) -> bool:

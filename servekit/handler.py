@@ -170,7 +170,8 @@ class Context:
         self.request_processor[idx].add_response_property(key, value)
 
     def get_sequence_id(self, idx: int) -> str | None:
-        return self.request_processor[idx].get_request_property("ts_request_sequence_id")
+        sequence_id = self.request_processor[idx].get_request_property("ts_request_sequence_id")
+        return None if sequence_id is None else str(sequence_id)
 
 
 class BaseHandler:
@@ -226,7 +227,7 @@ class BaseHandler:
     def _load_torchscript_model(self, model_pt_path: str) -> Any:
         import torch
 
-        return torch.jit.load(model_pt_path, map_location=self.device)
+        return torch.jit.load(model_pt_path, map_location=self.device)  # type: ignore[no-untyped-call]
 
     def _load_pickled_model(self, model_dir: str, model_file: str, model_pt_path: str | None) -> Any:
         import torch
@@ -268,7 +269,7 @@ class BaseHandler:
         else:
             output = self.postprocess(self.inference(model_input))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2))
-        return output  # type: ignore[no-any-return]
+        return output
 
     def explain_handle(self, data_preprocess: Any, raw_data: list[Any]) -> list[Any]:
         raise PredictionException("This handler does not implement explanations", 501)

@@ -272,7 +272,7 @@ class WorkerPool:
             await self._add_worker()
         except ServekitError as exc:
             logger.error("restart failed: %s", exc.message)
-            self._restarts.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._restarts.discard(asyncio.current_task())
             self._schedule_restart()
 
     async def _add_worker(self) -> WorkerProcess:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -38,8 +39,9 @@ def pid_file() -> Path:
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to ``serve``, so three can share one process."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def startup_models(settings: Settings) -> list[tuple[str | None, Path, str]]:

@@ -96,7 +96,7 @@ def make_archive(
             args += ["--model-file", str(write(src / "model.py", MLP_PY))]
             torch.save(net.state_dict(), src / "weights.pt")
         else:
-            torch.jit.trace(net, torch.zeros(1, 16)).save(str(src / "weights.pt"))
+            torch.jit.trace(net, torch.zeros(1, 16)).save(str(src / "weights.pt"))  # type: ignore[no-untyped-call]
         args += ["--serialized-file", str(src / "weights.pt")]
     if config is not None:
         args += ["--config-file", str(write(src / "model-config.yaml", config))]
@@ -170,7 +170,8 @@ def running_server(
     command += ["--ts-config", str(cfg), "--models", *models, *args]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(process, *(f"http://127.0.0.1:{p}" for p in ports), log=log, workdir=workdir)
+    inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports)
+    server = Server(process, inference, management, metrics, log, workdir)
     try:
         if wait:
             wait_healthy(server.inference, process, log)

@@ -3,7 +3,6 @@ real torch-model-archiver), a real server on free ports, real HTTP."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -316,4 +315,3 @@ def test_metrics_count_requests(server: Server) -> None:
     server.post("/predictions/mlp", json={"data": [0.0] * 16})
     text = httpx.get(server.metrics + "/metrics").text
     assert 'ts_inference_requests_total{code="200",model_name="mlp",model_version="default"}' in text
-    assert json.dumps  # metrics are plain text, not JSON
