@@ -80,9 +80,8 @@ def start(args: argparse.Namespace, argv: list[str]) -> int:
     if _running_pid() is not None:
         print("servekit is already running, please use servekit stop to stop it.")
         return 1
-    log_dir = Path(os.environ.get("LOG_LOCATION", "logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "servekit.log"
+    settings.log_location.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_location / "servekit.log"
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "servekit", *argv, "--foreground"],

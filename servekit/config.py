@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -67,6 +67,7 @@ class Settings:
     disable_token_authorization: bool = False
     enable_model_api: bool = False
     snapshots: bool = True
+    log_location: Path = Path("logs")
     raw: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -225,7 +226,10 @@ def load_settings(
             if env_name in environ:
                 values[key] = environ[env_name]
     values.update(flags or {})
-    return settings_from(values)
+    settings = settings_from(values)
+    if environ.get("LOG_LOCATION"):
+        settings = replace(settings, log_location=Path(environ["LOG_LOCATION"]))
+    return settings
 
 
 def detect_gpu_count(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
