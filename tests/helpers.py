@@ -33,28 +33,8 @@ class MLP(nn.Module):
         return self.net(x)
 """
 
-# A handler file written for TorchServe: imports from `ts.`, reads {"data": [...]} JSON bodies.
-TS_HANDLER_PY = """
-import json
-
-import torch
-from ts.context import Context
-from ts.torch_handler.base_handler import BaseHandler
-from ts.utils.util import PredictionException
-
-
-class MLPHandler(BaseHandler):
-    def preprocess(self, data):
-        rows = []
-        for row in data:
-            body = row.get("body", row.get("data"))
-            if isinstance(body, (bytes, bytearray)):
-                body = json.loads(body)
-            if not isinstance(body, dict) or "data" not in body:
-                raise PredictionException("expected a JSON object with a 'data' list", 400)
-            rows.append(body["data"])
-        return torch.tensor(rows, dtype=torch.float32)
-"""
+# The example handler of model_store/: a file written for TorchServe (imports from `ts.`), {"data": [...]} in.
+TS_HANDLER_PY = (Path(__file__).parent.parent / "model_store" / "mlp" / "handler.py").read_text()
 
 
 def build_mlp(seed: int = 0) -> torch.nn.Module:

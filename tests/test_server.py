@@ -74,3 +74,15 @@ def test_server_sigterm_stops_workers_and_exits_zero(tmp_path: Path) -> None:
         while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
             time.sleep(0.1)
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_server_serves_the_bundled_example_models(tmp_path: Path) -> None:
+    store = Path(__file__).parent.parent / "model_store"
+    with running_server(tmp_path / "run", store) as server:
+        body = {"data": [float(i) for i in range(16)]}
+        eager = server.post("/predictions/mlp", json=body)
+        scripted = server.post("/predictions/mlp_scripted", json=body)
+        assert eager.status_code == 200 and scripted.status_code == 200
+        assert len(eager.json()) == 4
+        assert scripted.json() == eager.json()
+        assert server.post("/predictions/mlp", json={"nodata": 1}).status_code == 400

@@ -1,12 +1,13 @@
 """A TorchServe-style handler for the example MLP, unchanged from what TorchServe would run.
 
-Request body: ``{"data": [16 floats]}`` (or a bare list); response: a JSON list of 4 floats.
+Request body: ``{"data": [16 floats]}``; response: a JSON list of 4 floats. Anything else is a 400.
 """
 
 import json
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 
 class MLPHandler(BaseHandler):
@@ -16,5 +17,7 @@ class MLPHandler(BaseHandler):
             body = row.get("body", row.get("data"))
             if isinstance(body, (bytes, bytearray)):
                 body = json.loads(body)
-            rows.append(body["data"] if isinstance(body, dict) else body)
+            if not isinstance(body, dict) or "data" not in body:
+                raise PredictionException("expected a JSON object with a 'data' list", 400)
+            rows.append(body["data"])
         return torch.tensor(rows, dtype=torch.float32)
