@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from servekit.errors import ArchiveError
+from servekit.errors import ArchiveError, ArchiveNotFoundError
 
 MAX_ENTRIES = 100_000
 MAX_TOTAL_BYTES = 64 * 2**30
@@ -69,7 +69,7 @@ def open_archive(path: Path, name: str | None = None, staging_root: Path | None 
     if path.is_dir():
         return _read_model_dir(_single_subdir(path), name or None, path, None)
     if not path.is_file():
-        raise ArchiveError(f"Model not found at: {path}")
+        raise ArchiveNotFoundError(f"Model not found at: {path.name}")
     if staging_root is not None:
         staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="servekit-model-", dir=staging_root))

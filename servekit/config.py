@@ -63,7 +63,10 @@ class Settings:
     max_response_size: int = 6553500
     decode_input_request: bool = True
     number_of_gpu: int | None = None
-    allowed_urls: tuple[str, ...] = (r"file://.*", r"http(s)?://.*")
+    allowed_urls: tuple[str, ...] = ()  # no remote model URLs unless configured (TorchServe allows any)
+    token_expiration_min: float = 60.0
+    max_download_size: int = 2**30
+    download_timeout: float = 300.0
     disable_token_authorization: bool = False
     enable_model_api: bool = False
     snapshots: bool = True
@@ -71,8 +74,20 @@ class Settings:
     raw: Mapping[str, str] = field(default_factory=dict)
 
 
-_INT_KEYS = ("default_workers_per_model", "job_queue_size", "max_request_size", "max_response_size")
-_FLOAT_KEYS = ("default_response_timeout", "default_startup_timeout", "unregister_model_timeout")
+_INT_KEYS = (
+    "default_workers_per_model",
+    "job_queue_size",
+    "max_request_size",
+    "max_response_size",
+    "max_download_size",
+)
+_FLOAT_KEYS = (
+    "default_response_timeout",
+    "default_startup_timeout",
+    "unregister_model_timeout",
+    "download_timeout",
+    "token_expiration_min",
+)
 _BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api")
 _ENV_KEYS = (
     "inference_address",

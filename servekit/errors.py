@@ -6,9 +6,16 @@ place (``servekit.api.errors``) from the class's ``status_code`` and ``code``::
     ServekitError (500)
     ├── BadRequestError (400)
     │   ├── ArchiveError (400)          unsafe, corrupt or incomplete model archive
-    │   └── ConfigError (400)           a setting that cannot be parsed or is out of range
+    │   │   └── ArchiveNotFoundError (404)  no archive or folder at that location
+    │   ├── ConfigError (400)           a setting that cannot be parsed or is out of range
+    │   └── DownloadError (400)         a model URL that is not allowed or cannot be fetched
+    ├── UnauthorizedError (401)         missing, wrong or expired token
+    ├── ForbiddenError (403)            a valid token of the wrong kind; removing a default version in use
     ├── ModelNotFoundError (404)
     ├── ModelVersionNotFoundError (404)
+    ├── MethodNotAllowedError (405)     model register/delete while the model API is off
+    ├── RequestTimeoutError (408)       unregister could not finish within its timeout
+    ├── ConflictError (409)             that model name and version are already registered
     ├── RequestTooLargeError (413)
     ├── HandlerError (500)              the handler raised, or broke the batch contract
     ├── ServiceUnavailableError (503)   no worker alive, or the model is shutting down
@@ -48,8 +55,46 @@ class ArchiveError(BadRequestError):
     code = "bad_archive"
 
 
+class ArchiveNotFoundError(ArchiveError):
+    status_code = 404
+    code = "archive_not_found"
+
+
 class ConfigError(BadRequestError):
     code = "bad_config"
+
+
+class DownloadError(BadRequestError):
+    code = "download_failed"
+
+
+class UnauthorizedError(ServekitError):
+    status_code = 401
+    code = "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="servekit"'}
+
+
+class ForbiddenError(ServekitError):
+    status_code = 403
+    code = "forbidden"
+
+
+class MethodNotAllowedError(ServekitError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeoutError(ServekitError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class ConflictError(ServekitError):
+    status_code = 409
+    code = "conflict"
 
 
 class ModelNotFoundError(ServekitError):

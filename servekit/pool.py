@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from servekit import protocol
 from servekit.errors import (
@@ -71,6 +72,14 @@ class WorkerProcess:
     @property
     def gpu_id(self) -> int | None:
         return self.command.gpu_id
+
+    def memory_usage(self) -> int:
+        """Resident set size in bytes (0 once the process is gone)."""
+        try:
+            pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0
+        return pages * os.sysconf("SC_PAGE_SIZE")
 
     async def start(self) -> None:
         """Spawn the process and load the model; raises ``HandlerError`` if the load fails."""
@@ -302,7 +311,8 @@ class WorkerPool:
             if errors:
                 raise errors[0]
             return
-        for worker in active[n:]:
+        active.sort(key=lambda w: w not in self._idle)  # retire idle workers first
+        for worker in active[: len(active) - n]:
             worker.retiring = True
             if worker in self._idle:
                 self._discard(worker)

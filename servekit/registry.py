@@ -2,24 +2,37 @@
 
 The registry resolves a model's effective settings (API parameters, then the archive's model-config
 YAML, then the ``models`` entry of config.properties, then server defaults, as TorchServe does), starts
-its workers, and answers lookups for the HTTP layer. Runs in the front-end process.
+and scales its workers, keeps the default version of each name, and answers lookups for the HTTP layer.
+After every change that succeeds it calls ``on_change`` (the server writes a snapshot there).
+Runs in the front-end process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from servekit.archive import ModelSpec
 from servekit.batcher import Batcher
 from servekit.config import Settings, detect_gpu_count
-from servekit.errors import BadRequestError, ModelNotFoundError, ModelVersionNotFoundError
+from servekit.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    ModelNotFoundError,
+    ModelVersionNotFoundError,
+    ServekitError,
+)
 from servekit.pool import PoolSettings, WorkerPool, WorkerProcess
 from servekit.protocol import LoadCommand, Request, Response
+
+logger = logging.getLogger("servekit.registry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +113,9 @@ class Model:
     pool: WorkerPool
     batcher: Batcher[WorkerProcess]
     loaded_at_startup: bool = False
+    downloaded: Path | None = None  # an archive fetched from a URL, removed with the model
     registered_at: float = field(default_factory=time.time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
@@ -117,10 +132,12 @@ class Model:
 class ModelRegistry:
     """Models by name and version, and the default version of each name."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self._models: dict[str, dict[str, Model]] = {}
         self._defaults: dict[str, str] = {}
+        self._on_change = on_change or (lambda: None)
+        self._background: set[asyncio.Task[None]] = set()
         self.starting = True
 
     def get(self, name: str, version: str | None = None) -> Model:
@@ -145,12 +162,44 @@ class ModelRegistry:
         """Healthy once startup is done and every default version has its minimum of ready workers."""
         return not self.starting and all(m.pool.ready >= m.settings.min_workers for m in self.defaults())
 
+    def default_version(self, name: str) -> str:
+        self.get(name)
+        return self._defaults[name]
+
+    def snapshot(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every model version's location and settings, in the snapshot shape."""
+        return {
+            name: {
+                version: {
+                    "defaultVersion": version == self._defaults[name],
+                    "marName": m.downloaded.name if m.downloaded else m.url,
+                    "minWorkers": m.settings.min_workers,
+                    "maxWorkers": m.settings.max_workers,
+                    "batchSize": m.settings.batch_size,
+                    "maxBatchDelay": m.settings.max_batch_delay,
+                    "responseTimeout": m.settings.response_timeout,
+                    "startupTimeout": m.settings.startup_timeout,
+                    "jobQueueSize": m.settings.job_queue_size,
+                }
+                for version, m in versions.items()
+            }
+            for name, versions in sorted(self._models.items())
+        }
+
     async def register(
-        self, spec: ModelSpec, url: str, params: Mapping[str, Any] | None = None, loaded_at_startup: bool = False
+        self,
+        spec: ModelSpec,
+        url: str,
+        params: Mapping[str, Any] | None = None,
+        loaded_at_startup: bool = False,
+        synchronous: bool = True,
+        downloaded: Path | None = None,
     ) -> Model:
-        """Start the model's workers and serve it; if they fail to load, nothing stays registered."""
+        """Serve a model version. Synchronously, this waits for its workers and, if they fail to load,
+        leaves nothing registered and raises the handler's error. Asynchronously, the workers start in the
+        background and the model is removed again if they fail."""
         if spec.version in self._models.get(spec.name, {}):
-            raise BadRequestError(f"Model version {spec.version} is already registered for model {spec.name}")
+            raise ConflictError(f"Model version {spec.version} is already registered for model {spec.name}")
         model_settings = resolve_settings(spec, self.settings, params)
         threads = torch_threads(model_settings.max_workers)
 
@@ -177,16 +226,65 @@ class ModelRegistry:
         )
         pool = WorkerPool(command_for, pool_settings)
         batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size)
-        model = Model(spec, model_settings, url, pool, batcher, loaded_at_startup)
+        model = Model(spec, model_settings, url, pool, batcher, loaded_at_startup, downloaded)
         versions = self._models.setdefault(spec.name, {})
         versions[spec.version] = model
         self._defaults.setdefault(spec.name, spec.version)
-        try:
-            await pool.scale(model_settings.min_workers)
-        except BaseException:
-            await self._remove(model)
-            raise
+        if synchronous:
+            await self._start_workers(model)
+        else:
+            self._in_background(self._start_workers(model, log_errors=True))
         return model
+
+    async def _start_workers(self, model: Model, log_errors: bool = False) -> None:
+        try:
+            async with model.lock:
+                await model.pool.scale(model.settings.min_workers)
+        except BaseException as exc:
+            await self._remove(model)
+            if log_errors and isinstance(exc, ServekitError):
+                logger.error("model %s version %s removed: %s", model.name, model.version, exc.message)
+                return
+            raise
+        self._on_change()
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def scale(self, model: Model, min_workers: int, max_workers: int, synchronous: bool) -> None:
+        """Set the model's worker count to ``min_workers``; synchronously, wait and raise the handler's
+        error if new workers fail to load."""
+        if min_workers < 0:
+            raise BadRequestError(f"min_worker must be at least 0, got {min_workers}")
+        if max_workers < min_workers:
+            raise BadRequestError("max_worker cannot be less than min_worker.")
+
+        async def apply() -> None:
+            async with model.lock:
+                model.settings = replace(model.settings, min_workers=min_workers, max_workers=max_workers)
+                try:
+                    await model.pool.scale(min_workers)
+                finally:
+                    self._on_change()
+
+        if synchronous:
+            await apply()
+        else:
+            self._in_background(self._logged(apply(), f"scaling {model.name} version {model.version}"))
+
+    @staticmethod
+    async def _logged(work: Any, what: str) -> None:
+        try:
+            await work
+        except ServekitError as exc:
+            logger.error("%s failed: %s", what, exc.message)
+
+    def set_default(self, name: str, version: str) -> None:
+        self.get(name, version)
+        self._defaults[name] = version
+        self._on_change()
 
     async def _remove(self, model: Model) -> None:
         versions = self._models.get(model.name, {})
@@ -199,11 +297,22 @@ class ModelRegistry:
         await model.batcher.close(self.settings.unregister_model_timeout)
         await model.pool.close()
         model.spec.remove_staging()
+        if model.downloaded is not None:
+            model.downloaded.unlink(missing_ok=True)
 
-    async def unregister(self, name: str, version: str | None = None) -> None:
-        await self._remove(self.get(name, version))
+    async def unregister(self, name: str, version: str | None = None) -> Model:
+        """Stop admitting, drain or fail what is queued within ``unregister_model_timeout``, stop the workers,
+        remove the staging folder. The default version cannot go while other versions remain."""
+        model = self.get(name, version)
+        if len(self._models[name]) > 1 and self._defaults[name] == model.version:
+            raise ForbiddenError(f"Cannot remove default version for model {name}")
+        await self._remove(model)
+        self._on_change()
+        return model
 
     async def close(self) -> None:
         """Unregister everything (server shutdown)."""
+        for task in list(self._background):
+            task.cancel()
         models = [m for versions in self._models.values() for m in versions.values()]
         await asyncio.gather(*(self._remove(m) for m in models))

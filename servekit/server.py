@@ -1,8 +1,9 @@
 """The server process: builds the registry and the three apps, binds the ports, loads the startup
-models, and owns signals and shutdown.
+models (from the latest snapshot if there is one, else ``load_models``), and owns signals and shutdown.
 
 SIGTERM or SIGINT: stop accepting connections, let the requests in flight finish, stop the workers,
-exit 0. ``/ping`` answers ``Unhealthy`` until every startup model is loaded.
+exit 0. ``/ping`` answers ``Unhealthy`` until every startup model is loaded. With token authorization on
+(the default), ``key_file.json`` is written in the working directory at start and removed at exit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import uvicorn
 
+from servekit import snapshot
+from servekit.api.auth import TokenStore
 from servekit.api.inference import create_inference_app
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
@@ -64,24 +67,78 @@ def startup_models(settings: Settings) -> list[tuple[str | None, Path, str]]:
     return entries
 
 
-async def load_startup_models(registry: ModelRegistry) -> None:
-    async def load(name: str | None, path: Path, url: str) -> None:
-        try:
-            spec = await asyncio.to_thread(open_archive, path, name)
-            await registry.register(spec, url, loaded_at_startup=True)
-            logger.info("loaded model %s version %s from %s", spec.name, spec.version, url)
-        except ServekitError as exc:
-            logger.error("cannot load model from %s: %s", url, exc.message)
+SNAPSHOT_PARAMS = {
+    "minWorkers": "initial_workers",
+    "maxWorkers": "max_workers",
+    "batchSize": "batch_size",
+    "maxBatchDelay": "max_batch_delay",
+    "responseTimeout": "response_timeout",
+    "startupTimeout": "startup_timeout",
+    "jobQueueSize": "job_queue_size",
+}
 
-    await asyncio.gather(*(load(*entry) for entry in startup_models(registry.settings)))
+
+async def load_model(
+    registry: ModelRegistry, name: str | None, path: Path, url: str, params: dict[str, object] | None = None
+) -> str | None:
+    """Open and register one startup model; errors are logged, never fatal. Returns its version."""
+    try:
+        spec = await asyncio.to_thread(open_archive, path, name)
+        await registry.register(spec, url, params, loaded_at_startup=True)
+    except ServekitError as exc:
+        logger.error("cannot load model from %s: %s", url, exc.message)
+        return None
+    logger.info("loaded model %s version %s from %s", spec.name, spec.version, url)
+    return spec.version
+
+
+async def restore_snapshot(registry: ModelRegistry, models: dict[str, dict[str, dict[str, object]]]) -> None:
+    """Register every model version of a snapshot with its saved settings, then restore the defaults."""
+    store = registry.settings.model_store or Path(".")
+    jobs = []
+    for name, versions in models.items():
+        for version, entry in versions.items():
+            params = {param: entry[key] for key, param in SNAPSHOT_PARAMS.items() if key in entry}
+            mar = str(entry["marName"])
+            jobs.append(
+                (name, version, bool(entry.get("defaultVersion")), load_model(registry, name, store / mar, mar, params))
+            )
+    loaded = await asyncio.gather(*(job for *_, job in jobs))
+    for (name, version, is_default, _), got in zip(jobs, loaded, strict=True):
+        if got is not None and got != version:
+            logger.error("snapshot: %s was version %s, its archive now holds version %s", name, version, got)
+        if is_default and got == version:
+            registry.set_default(name, version)
+
+
+async def load_startup_models(registry: ModelRegistry) -> None:
+    settings = registry.settings
+    saved = snapshot.read(settings.log_location / "config") if settings.snapshots else None
+    if saved is not None:
+        logger.info("restoring %d model(s) from the snapshot; load_models/--models are ignored", len(saved))
+        await restore_snapshot(registry, saved)
+    else:
+        await asyncio.gather(*(load_model(registry, *entry) for entry in startup_models(settings)))
 
 
 async def serve(settings: Settings) -> int:
-    registry = ModelRegistry(settings)
+    def save_snapshot() -> None:
+        if settings.snapshots and not registry.starting:
+            try:
+                snapshot.write(settings.log_location / "config", registry.snapshot())
+            except OSError as exc:
+                logger.error("cannot write the snapshot: %s", exc)
+
+    registry = ModelRegistry(settings, on_change=save_snapshot)
     metrics = Metrics()
+    tokens = (
+        None
+        if settings.disable_token_authorization
+        else TokenStore(Path("key_file.json"), settings.token_expiration_min)
+    )
     apps = [
-        (create_inference_app(registry, metrics), settings.inference_address),
-        (create_management_app(registry), settings.management_address),
+        (create_inference_app(registry, metrics, tokens), settings.inference_address),
+        (create_management_app(registry, tokens), settings.management_address),
         (create_metrics_app(metrics), settings.metrics_address),
     ]
     servers = [
@@ -116,6 +173,7 @@ async def serve(settings: Settings) -> int:
     try:
         await load_startup_models(registry)
         registry.starting = False
+        save_snapshot()
         print("Model server started.", flush=True)
         await stop.wait()
         logger.info("shutting down")
@@ -124,6 +182,8 @@ async def serve(settings: Settings) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         await registry.close()
     finally:
+        if tokens is not None:
+            tokens.remove()
         with contextlib.suppress(OSError):
             if json.loads(pid_file().read_text()).get("pid") == os.getpid():
                 pid_file().unlink()

@@ -137,10 +137,11 @@ def running_server(
     store: Path,
     models: Sequence[str] = ("all",),
     config: dict[str, str] | None = None,
-    args: Sequence[str] = (),
+    args: Sequence[str] = ("--disable-token-auth", "--ncs"),
     wait: bool = True,
 ) -> Iterator[Server]:
-    """``servekit start --foreground`` in a subprocess on free ports; stopped (TERM, then KILL) afterwards."""
+    """``servekit start --foreground`` in a subprocess on free ports; stopped (TERM, then KILL) afterwards.
+    By default without token auth and snapshots: tests of those pass their own ``args``."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in range(3)]
     cfg = write_config(workdir / "config.properties", ports, config)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
+from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.errors import install_error_handlers
 from servekit.errors import BadRequestError, RequestTooLargeError
 from servekit.metrics import Metrics
@@ -57,9 +58,11 @@ async def read_fields(request: Request, limit: int) -> tuple[Field, ...]:
     return tuple(fields.values())
 
 
-def create_inference_app(registry: ModelRegistry, metrics: Metrics) -> FastAPI:
+def create_inference_app(registry: ModelRegistry, metrics: Metrics, tokens: TokenStore | None = None) -> FastAPI:
     app = FastAPI(title="servekit inference API", openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    if tokens is not None:
+        app.add_middleware(TokenAuth, store=tokens, kind="inference", open_paths=("/ping",))
     limit = registry.settings.max_request_size
 
     @app.api_route("/ping", methods=["GET", "POST"])

@@ -1,15 +1,26 @@
-"""The management API (port 8081): list and describe models, with TorchServe's paths and field names."""
+"""The management API (port 8081), with TorchServe's paths, parameters, JSON field names and status codes:
+register, list, describe, scale, set-default and unregister models."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
+from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.errors import install_error_handlers
+from servekit.archive import ModelSpec, open_archive
+from servekit.download import download, is_remote
+from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError
 from servekit.registry import Model, ModelRegistry
+
+PROCESSING = {"status": "Processing worker updates..."}
 
 
 def describe(model: Model) -> dict[str, Any]:
@@ -33,8 +44,10 @@ def describe(model: Model) -> dict[str, Any]:
                 "id": w.id,
                 "startTime": datetime.fromtimestamp(w.start_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                 "status": w.status,
+                "memoryUsage": w.memory_usage(),
                 "pid": w.pid,
                 "gpu": w.gpu_id is not None,
+                "gpuUsage": "N/A",
             }
             for w in model.pool.workers
         ],
@@ -45,9 +58,107 @@ def describe(model: Model) -> dict[str, Any]:
     }
 
 
-def create_management_app(registry: ModelRegistry) -> FastAPI:
+def int_param(params: dict[str, Any], name: str, default: int | None = None, minimum: int = 0) -> int | None:
+    """An integer parameter, or 400 naming it (TorchServe silently ignores bad values; servekit does not)."""
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequestError(f"Parameter {name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise BadRequestError(f"Parameter {name} must be at least {minimum}, got {number}")
+    return number
+
+
+def bool_param(params: dict[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise BadRequestError(f"Parameter {name} must be true or false, got {value!r}")
+
+
+async def request_params(request: Request) -> dict[str, Any]:
+    """Query parameters, or the fields of a JSON body (TorchServe accepts both)."""
+    params: dict[str, Any] = dict(request.query_params)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequestError(f"Invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequestError("The JSON body must be an object")
+        params.update(body)
+    return params
+
+
+def local_archive(url: str, store: Path) -> Path:
+    """A model store entry named by ``url`` (a name, a relative path, or ``file://`` inside the store)."""
+    path_text = unquote(urlsplit(url).path) if url.startswith("file://") else url
+    path = Path(path_text)
+    if ".." in PurePosixPath(path_text).parts:
+        raise BadRequestError(f"Relative path is not allowed in url: {url}")
+    resolved = (path if path.is_absolute() else store / path).resolve()
+    if not resolved.is_relative_to(store.resolve()):
+        raise BadRequestError(f"Model url {url} is outside the model store")
+    return resolved
+
+
+def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:
     app = FastAPI(title="servekit management API", openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    settings = registry.settings
+    if tokens is not None:
+        app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token",))
+
+        @app.api_route("/token", methods=["GET", "POST", "PUT"])
+        async def rotate_token(request: Request) -> JSONResponse:
+            assert tokens is not None
+            tokens.rotate(request.query_params.get("type", ""), request.headers.get("authorization"))
+            return JSONResponse({"status": f"{request.query_params['type']} key rotated; see {tokens.path.name}"})
+
+    def require_model_api() -> None:
+        if not settings.enable_model_api:
+            raise MethodNotAllowedError("Model API is disabled: start servekit with --enable-model-api")
+
+    async def load_spec(params: dict[str, Any]) -> tuple[ModelSpec, str, Path | None]:
+        url = params.get("url")
+        if url is None:
+            raise BadRequestError("Parameter url is required.")
+        if not isinstance(url, str) or not url.strip():
+            raise BadRequestError("Parameter url is empty.")
+        if settings.model_store is None:
+            raise BadRequestError("Model store has not been configured.")
+        runtime = params.get("runtime")
+        if runtime is not None and runtime not in ("python", "python3"):
+            raise BadRequestError(f"Parameter runtime must be python or python3, got {runtime!r}")
+        downloaded = None
+        if is_remote(url):
+            downloaded = await download(
+                url, settings.model_store, settings.allowed_urls, settings.max_download_size, settings.download_timeout
+            )
+            path = downloaded
+        else:
+            path = local_archive(url, settings.model_store)
+            if not path.exists():
+                raise ArchiveNotFoundError(f"Model not found at: {url}")
+        try:
+            spec = await asyncio.to_thread(open_archive, path, params.get("model_name") or None)
+        except BaseException:
+            if downloaded is not None:
+                downloaded.unlink(missing_ok=True)
+            raise
+        model_section = spec.manifest["model"]
+        if params.get("handler"):
+            model_section["handler"] = str(params["handler"])
+        if runtime is not None:
+            spec.manifest["runtime"] = runtime
+        return spec, url, downloaded
 
     @app.get("/models")
     async def list_models(limit: str = "100", next_page_token: str = "0") -> JSONResponse:
@@ -60,6 +171,34 @@ def create_management_app(registry: ModelRegistry) -> FastAPI:
             body = {"nextPageToken": str(start + size), **body}
         return JSONResponse(body)
 
+    @app.post("/models")
+    async def register(request: Request) -> JSONResponse:
+        require_model_api()
+        params = await request_params(request)
+        overrides = {
+            "batch_size": int_param(params, "batch_size", minimum=1),
+            "max_batch_delay": int_param(params, "max_batch_delay"),
+            "initial_workers": int_param(params, "initial_workers"),
+            "response_timeout": int_param(params, "response_timeout", minimum=1),
+            "startup_timeout": int_param(params, "startup_timeout", minimum=1),
+        }
+        synchronous = bool_param(params, "synchronous", True)
+        spec, url, downloaded = await load_spec(params)
+        try:
+            model = await registry.register(spec, url, overrides, synchronous=synchronous, downloaded=downloaded)
+        except BaseException:
+            spec.remove_staging()
+            if downloaded is not None:
+                downloaded.unlink(missing_ok=True)
+            raise
+        if not synchronous:
+            return JSONResponse(PROCESSING, status_code=202)
+        n = model.settings.min_workers
+        message = f'Model "{model.name}" Version: {model.version} registered with {n} initial workers'
+        if n == 0:
+            message += ". Use scale workers API to add workers for the model."
+        return JSONResponse({"status": message})
+
     @app.get("/models/{name}")
     async def describe_default(name: str) -> JSONResponse:
         return JSONResponse([describe(registry.get(name))])
@@ -68,5 +207,40 @@ def create_management_app(registry: ModelRegistry) -> FastAPI:
     async def describe_version(name: str, version: str) -> JSONResponse:
         models = registry.versions(name) if version == "all" else [registry.get(name, version)]
         return JSONResponse([describe(m) for m in models])
+
+    @app.put("/models/{name}")
+    async def scale_default(name: str, request: Request) -> JSONResponse:
+        return await scale(name, None, request)
+
+    @app.put("/models/{name}/{version}")
+    async def scale(name: str, version: str | None, request: Request) -> JSONResponse:
+        params = dict(request.query_params)
+        version = version or params.get("model_version") or None
+        model = registry.get(name, version)
+        min_workers = int_param(params, "min_worker", 1)
+        assert min_workers is not None
+        max_workers = int_param(params, "max_worker", min_workers)
+        assert max_workers is not None
+        synchronous = bool_param(params, "synchronous", False)
+        await registry.scale(model, min_workers, max_workers, synchronous)
+        if not synchronous:
+            return JSONResponse(PROCESSING, status_code=202)
+        message = f"Workers scaled to {min_workers} for model: {name}"
+        return JSONResponse({"status": message + (f", version: {version}" if version else "")})
+
+    @app.put("/models/{name}/{version}/set-default")
+    async def set_default(name: str, version: str) -> JSONResponse:
+        registry.set_default(name, version)
+        return JSONResponse({"status": f'Default version successfully updated for model "{name}" to "{version}"'})
+
+    @app.delete("/models/{name}")
+    async def unregister_default(name: str) -> JSONResponse:
+        return await unregister(name, None)
+
+    @app.delete("/models/{name}/{version}")
+    async def unregister(name: str, version: str | None) -> JSONResponse:
+        require_model_api()
+        model = await registry.unregister(name, version)
+        return JSONResponse({"status": f'Model "{model.name}" unregistered'})
 
     return app

@@ -1,0 +1,106 @@
+"""Token authorization, compatible with TorchServe's (``key_file.json``, ``Authorization: Bearer <key>``) but with
+strong keys: 256-bit random, compared in constant time, the key file created with mode 0600.
+
+Three keys: ``inference`` (the inference API), ``management`` (the management API), and ``API`` (only for
+``/token?type=...``, which rotates one of the other two). Inference and management keys expire after
+``token_expiration_min``. A missing, wrong or expired key is 401 with ``WWW-Authenticate``; a valid key of the
+other kind is 403. ``/ping`` needs no key (load balancers and Kubernetes probe it), nor does the metrics API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from servekit.api.errors import error_response
+from servekit.errors import BadRequestError, ForbiddenError, ServekitError, UnauthorizedError
+
+KINDS = ("inference", "management")
+FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+class TokenStore:
+    """The server's keys and the key file that publishes them."""
+
+    def __init__(self, path: Path, expiration_min: float) -> None:
+        self.path = path
+        self.lifetime_s = expiration_min * 60
+        self._keys = {kind: secrets.token_urlsafe(32) for kind in (*KINDS, "API")}
+        self._expiry = {kind: time.time() + self.lifetime_s for kind in KINDS}
+        self._write()
+
+    def _write(self) -> None:
+        document = {kind: {"key": self._keys[kind], "expiration time": _iso(self._expiry[kind])} for kind in KINDS}
+        document["API"] = {"key": self._keys["API"]}
+        self.path.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(document, handle, indent=2)
+
+    def _matches(self, kind: str, key: str) -> bool:
+        return hmac.compare_digest(self._keys[kind].encode(), key.encode())
+
+    def check(self, kind: str, authorization: str | None) -> None:
+        """Raise ``UnauthorizedError``/``ForbiddenError`` unless ``authorization`` carries a valid ``kind`` key."""
+        key = _bearer(authorization)
+        if key is not None and self._matches(kind, key):
+            if kind in self._expiry and time.time() > self._expiry[kind]:
+                raise UnauthorizedError(FAILED)
+            return
+        others = [k for k in (*KINDS, "API") if k != kind]
+        if key is not None and any(self._matches(k, key) for k in others):
+            raise ForbiddenError(f"This key is not valid for the {kind} API")
+        raise UnauthorizedError(FAILED)
+
+    def rotate(self, kind: str, authorization: str | None) -> None:
+        """Give ``kind`` a new key and expiry (needs the API key), and rewrite the key file."""
+        if kind not in KINDS:
+            raise BadRequestError("Parameter type must be management or inference")
+        self.check("API", authorization)
+        self._keys[kind] = secrets.token_urlsafe(32)
+        self._expiry[kind] = time.time() + self.lifetime_s
+        self._write()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return key.strip() or None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class TokenAuth:
+    """ASGI middleware: every HTTP request needs a valid ``kind`` key, except the ``open_paths``."""
+
+    def __init__(self, app: ASGIApp, store: TokenStore, kind: str, open_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.store = store
+        self.kind = kind
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                self.store.check(self.kind, authorization)
+            except ServekitError as exc:
+                response = error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

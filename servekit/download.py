@@ -1,0 +1,97 @@
+"""Fetch a model archive from an http(s) URL that ``allowed_urls`` admits.
+
+The URL is parsed and checked before any byte is fetched: scheme http or https, a host, no user info, and the
+normalised ``scheme://host[:port]/path`` must fully match one of the ``allowed_urls`` patterns. Redirects are
+followed by hand, each target checked the same way. The download is bounded in bytes and in time and
+streamed to a temp file in the model store, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urljoin, urlsplit
+
+import httpx
+
+from servekit.errors import ConflictError, DownloadError
+
+MAX_REDIRECTS = 5
+
+
+def is_remote(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in ("http", "https")
+
+
+def check_url(url: str, allowed: Sequence[str]) -> str:
+    """The normalised URL if it is allowed; ``DownloadError`` saying why not otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise DownloadError(f"Invalid URL {url!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise DownloadError(f"Invalid URL {url!r}: only http(s) URLs with a host can be downloaded")
+    if parts.username is not None or parts.password is not None:
+        raise DownloadError(f"Given URL {url} does not match any allowed URL(s): user info is not allowed")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    normalised = f"{parts.scheme.lower()}://{host}{f':{port}' if port else ''}{parts.path or '/'}"
+    if parts.query:
+        normalised += f"?{parts.query}"
+    if not any(re.fullmatch(pattern, normalised) for pattern in allowed):
+        raise DownloadError(f"Given URL {url} does not match any allowed URL(s)")
+    return normalised
+
+
+def archive_name(url: str) -> str:
+    """The file name a download is stored under: the URL path's last element."""
+    name = PurePosixPath(unquote(urlsplit(url).path)).name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise DownloadError(f"Cannot derive an archive file name from URL {url}")
+    return name
+
+
+async def download(url: str, store: Path, allowed: Sequence[str], max_bytes: int, timeout: float) -> Path:
+    """Download ``url`` into ``store``; the file must not exist yet (``ConflictError``)."""
+    current = check_url(url, allowed)
+    target = store / archive_name(url)
+    if target.exists():
+        raise ConflictError(f"Model file already exists {target.name}")
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            async with client.stream("GET", current) as response:
+                if response.is_redirect:
+                    current = check_url(urljoin(current, response.headers.get("location", "")), allowed)
+                    continue
+                if response.status_code != 200:
+                    raise DownloadError(f"Failed to download archive from: {url} (HTTP {response.status_code})")
+                return await _save(response, target, max_bytes, deadline, url)
+    raise DownloadError(f"Failed to download archive from: {url} (more than {MAX_REDIRECTS} redirects)")
+
+
+async def _save(response: httpx.Response, target: Path, max_bytes: int, deadline: float, url: str) -> Path:
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise DownloadError(f"Archive at {url} is {declared} bytes, over the limit of {max_bytes}")
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(f"Archive at {url} exceeds the download limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise DownloadError(f"Download of {url} took longer than its time limit")
+                handle.write(chunk)
+        temp.rename(target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
