@@ -34,8 +34,8 @@ W = TypeVar("W")
 class Workers(Protocol[W]):
     """What the batcher needs from a pool of workers."""
 
-    @property
-    def target(self) -> int: ...
+    def unavailable(self) -> str | None:
+        """Why no request can be served now (no workers, crash loop), or ``None``."""
 
     def acquire(self) -> Awaitable[W]: ...
 
@@ -76,11 +76,9 @@ class Batcher(Generic[W]):
         """Queue one request and wait for its response; raises the ``ServekitError`` that failed it."""
         if self._closed:
             raise ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
-        if self._workers.target == 0:
-            raise ServiceUnavailableError(
-                f'Model "{self.model}" has no worker to serve inference request. '
-                "Please use scale workers API to add workers."
-            )
+        reason = self._workers.unavailable()
+        if reason is not None:
+            raise ServiceUnavailableError(f'Model "{self.model}" {reason}')
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(self.model, self.queue_size)
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
@@ -97,7 +95,7 @@ class Batcher(Generic[W]):
             try:
                 worker = await self._workers.acquire()
             except ServiceUnavailableError as exc:
-                self._fail_queued(exc)
+                self._fail_queued(ServiceUnavailableError(f'Model "{self.model}" {exc.message}'))
                 continue
             batch = self._take_batch()
             if not batch:

@@ -38,6 +38,8 @@ from servekit.errors import (
 logger = logging.getLogger("servekit.pool")
 
 BACKOFF_S = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55)  # restart delays; the last one repeats
+CRASH_LOOP = 3  # consecutive worker failures after which, with no worker ready, requests are refused at once
+NO_WORKER = "has no worker to serve inference request. Please use scale workers API to add workers."
 FRAME_OVERHEAD = 1 << 20  # headers and JSON around the payloads of one response frame
 _ids = itertools.count(9000)  # worker ids as TorchServe numbers them
 
@@ -54,8 +56,15 @@ class PoolSettings:
 class WorkerProcess:
     """One spawned worker and the socket to it."""
 
-    def __init__(self, command: protocol.LoadCommand, settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        command: protocol.LoadCommand,
+        settings: PoolSettings,
+        on_exit: Callable[[WorkerProcess], None] = lambda worker: None,
+    ) -> None:
         self.id = str(next(_ids))
+        self._on_exit = on_exit
+        self._watcher: asyncio.Task[None] | None = None
         self.command = command
         self.settings = settings
         self.start_time = time.time()
@@ -95,6 +104,9 @@ class WorkerProcess:
                 cwd=self.command.model_dir,
                 env={**os.environ, "OMP_NUM_THREADS": str(self.command.torch_threads)},
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
@@ -117,6 +129,18 @@ class WorkerProcess:
             await self.kill()
             raise HandlerError(f"Failed to load model {self.command.model_name}: {failure.kind}: {failure.message}")
         self.status = "READY"
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Notice a worker that exits on its own (crash, OOM kill) even while it is idle."""
+        assert self.process is not None
+        code = await self.process.wait()
+        if self.status == "READY":
+            self.status = "UNLOADING"
+            if self._writer is not None:
+                self._writer.close()
+            logger.warning("worker %s of %s exited: %s", self.id, self.command.model_name, describe_exit(code))
+            self._on_exit(self)
 
     async def run(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
         """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead."""
@@ -215,13 +239,22 @@ class WorkerPool:
     def ready(self) -> int:
         return sum(1 for w in self.workers if w.status == "READY" and not w.retiring)
 
+    def unavailable(self) -> str | None:
+        """Why requests cannot be served now: no workers wanted, or every worker keeps crashing."""
+        if self.target == 0 or self.closed:
+            return NO_WORKER
+        if self._failures >= CRASH_LOOP and self.ready == 0:
+            return f"has no healthy worker: its workers failed {self._failures} times in a row and are restarting"
+        return None
+
     def acquire(self) -> asyncio.Future[WorkerProcess]:
-        """A future for an idle worker; fails with ``ServiceUnavailableError`` while the pool has no workers."""
+        """A future for an idle worker; fails with ``ServiceUnavailableError`` while ``unavailable``."""
         future: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
+        reason = None if self._idle else self.unavailable()
         if self._idle:
             future.set_result(self._idle.popleft())
-        elif self.target == 0 or self.closed:
-            future.set_exception(ServiceUnavailableError("has no worker"))
+        elif reason is not None:
+            future.set_exception(ServiceUnavailableError(reason))
         else:
             self._waiters.append(future)
         return future
@@ -268,6 +301,9 @@ class WorkerPool:
             return
         delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
         self._failures += 1
+        reason = self.unavailable()
+        if reason is not None:
+            self._fail_waiters(reason)
         logger.warning("starting a replacement worker in %ss", delay)
         task = asyncio.get_running_loop().create_task(self._restart(delay))
         self._restarts.add(task)
@@ -284,9 +320,13 @@ class WorkerPool:
             self._restarts.discard(asyncio.current_task())
             self._schedule_restart()
 
+    def _on_exit(self, worker: WorkerProcess) -> None:
+        if worker in self._idle:  # a busy worker's death is handled by run()
+            self._on_death(worker)
+
     async def _add_worker(self) -> WorkerProcess:
         gpu_id = next(self._gpu_cycle) if self._gpu_cycle else None
-        worker = WorkerProcess(self._command_for(gpu_id), self.settings)
+        worker = WorkerProcess(self._command_for(gpu_id), self.settings, self._on_exit)
         self.workers.append(worker)
         try:
             await worker.start()
@@ -318,13 +358,13 @@ class WorkerPool:
                 self._discard(worker)
                 await worker.stop(self.settings.response_timeout)
         if n == 0:
-            self._fail_waiters()
+            self._fail_waiters(NO_WORKER)
 
-    def _fail_waiters(self) -> None:
+    def _fail_waiters(self, reason: str) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(ServiceUnavailableError("has no worker"))
+                waiter.set_exception(ServiceUnavailableError(reason))
 
     async def close(self) -> None:
         """Stop every worker and cancel pending restarts."""
@@ -332,7 +372,7 @@ class WorkerPool:
         self.target = 0
         for task in list(self._restarts):
             task.cancel()
-        self._fail_waiters()
+        self._fail_waiters(NO_WORKER)
         workers, self.workers = list(self.workers), []
         self._idle.clear()
         await asyncio.gather(*(w.stop(self.settings.response_timeout) for w in workers))

@@ -263,11 +263,15 @@ class ModelRegistry:
 
         async def apply() -> None:
             async with model.lock:
-                model.settings = replace(model.settings, min_workers=min_workers, max_workers=max_workers)
+                previous = model.settings
+                model.settings = replace(previous, min_workers=min_workers, max_workers=max_workers)
                 try:
                     await model.pool.scale(min_workers)
-                finally:
-                    self._on_change()
+                except BaseException:
+                    model.settings = previous  # a failed scale-up leaves the model as it was
+                    await model.pool.scale(previous.min_workers)
+                    raise
+            self._on_change()
 
         if synchronous:
             await apply()
