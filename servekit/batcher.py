@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from servekit.errors import HandlerError, QueueFullError, ServekitError, ServiceUnavailableError
-from servekit.protocol import Failure, Request, Response
+from servekit.protocol import Failure, Request, Response, failure_message
 
 logger = logging.getLogger("servekit.batcher")
 W = TypeVar("W")
@@ -120,8 +120,7 @@ class Batcher(Generic[W]):
             self._fail(batch, exc)
             return
         if isinstance(outcome, Failure):
-            message = f"Prediction failed for model {self.model}: {outcome.kind}: {outcome.message}"
-            self._fail(batch, HandlerError(message, outcome.status))
+            self._fail(batch, HandlerError(failure_message(self.model, outcome), outcome.status))
             return
         for pending, response in zip(batch, outcome, strict=True):
             if not pending.future.done():

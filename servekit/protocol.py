@@ -76,6 +76,11 @@ class Failure:
     traceback: str = ""
 
 
+def failure_message(model: str, failure: Failure) -> str:
+    """What a client is told when its batch failed in the handler."""
+    return f"Prediction failed for model {model}: {failure.kind}: {failure.message}"
+
+
 def encode(
     header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview] = ()
 ) -> list[bytes | bytearray | memoryview]:

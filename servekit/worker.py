@@ -29,12 +29,13 @@ COMPAT_PATH = str(Path(__file__).parent / "compat")
 
 
 def decode_value(value: bytes, content_type: str | None, decode: bool) -> Any:
-    """TorchServe's input decoding: JSON for ``application/json``, ``str`` for ``text/*``, else ``bytearray``."""
+    """TorchServe's input decoding: JSON for ``application/json``, ``str`` for ``text/*``, else ``bytearray``.
+    Raises ``ValueError`` for a body that claims to be JSON but is not (TorchServe passes the raw bytes on)."""
     if decode and content_type == "application/json":
         try:
             return json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return bytearray(value)
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, too deep, too many digits
+            raise ValueError(f"Invalid JSON body: {str(exc)[:200]}") from None
     if decode and content_type is not None and content_type.startswith("text"):
         try:
             return value.decode()
@@ -76,8 +77,32 @@ class Worker:
         self.entry: EntryPoint = load_handler(command.handler, command.model_dir, self.context)
 
     def run(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
+        """Decode the inputs, call the handler on the requests whose inputs decode, and answer each request;
+        a request with a malformed JSON body gets 400 without reaching the handler."""
         decode = self.command.decode_input_request
-        data = [{f.name: decode_value(f.value, f.content_type, decode) for f in r.fields} for r in requests]
+        data: list[dict[str, Any]] = []
+        valid: list[protocol.Request] = []
+        rejected: dict[int, protocol.Response] = {}
+        for i, request in enumerate(requests):
+            try:
+                data.append({f.name: decode_value(f.value, f.content_type, decode) for f in request.fields})
+                valid.append(request)
+            except ValueError as exc:
+                rejected[i] = protocol.Response(400, "application/json", error_body(400, "BadRequestError", str(exc)))
+        if not rejected:
+            return self._handle(valid, data)
+        outcome = self._handle(valid, data) if valid else []
+        if isinstance(outcome, protocol.Failure):
+            body = error_body(
+                outcome.status, "HandlerError", protocol.failure_message(self.command.model_name, outcome)
+            )
+            outcome = [protocol.Response(outcome.status, "application/json", body)] * len(valid)
+        answers = iter(outcome)
+        return [rejected[i] if i in rejected else next(answers) for i in range(len(requests))]
+
+    def _handle(
+        self, requests: list[protocol.Request], data: list[dict[str, Any]]
+    ) -> list[protocol.Response] | protocol.Failure:
         self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
         self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
         try:

@@ -3,6 +3,7 @@ real torch-model-archiver), a real server on free ports, real HTTP."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -201,8 +202,25 @@ def test_handler_receives_raw_body_as_bytearray_and_text_as_str(server: Server) 
     assert raw.json()["inputs"] == {"body": ["bytearray", "\x00\xffbin"]}
     text = server.post("/predictions/echo", content="héllo".encode(), headers={"content-type": "text/plain"})
     assert text.json()["inputs"] == {"body": ["str", "héllo"]}
-    bad_json = server.post("/predictions/echo", content=b"{not json", headers={"content-type": "application/json"})
-    assert bad_json.json()["inputs"] == {"body": ["bytearray", "{not json"]}
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 20_000 + b"]" * 20_000, b"1" * 5000, b"\xff\xfe"])
+def test_malformed_json_body_is_400_and_never_reaches_the_handler(server: Server, body: bytes) -> None:
+    response = server.post("/predictions/echo", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("Invalid JSON body")
+    assert server.post("/predictions/echo", json={"ok": 1}).status_code == 200
+
+
+def test_malformed_json_fails_only_its_own_request_in_a_batch(server: Server) -> None:
+    def send(i: int) -> httpx.Response:
+        body = b"{bad" if i % 2 else json.dumps({"i": i}).encode()
+        return server.post("/predictions/echo", content=body, headers={"content-type": "application/json"})
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, range(16)))
+    assert [r.status_code for r in responses] == [200, 400] * 8
+    assert [r.json()["inputs"]["body"][1]["i"] for r in responses[::2]] == list(range(0, 16, 2))
 
 
 def test_handler_receives_multipart_fields_by_name(server: Server) -> None:
