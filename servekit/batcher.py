@@ -5,9 +5,9 @@ of them: while every worker is busy, arrivals pile up and the next free worker t
 ``batch_size`` at once, so batches grow with load; a lone request with an idle worker is sent at
 once (it never waits out a batch window). ``max_batch_delay`` is therefore only an upper bound on the
 time a request waits for companions, which this policy keeps at zero.
-A request whose caller went away (client disconnect, cancelled task) is dropped before it reaches a
-worker and frees its slot. Every admitted request is answered exactly once: with its response, or
-with the error that failed its batch.
+A request whose caller went away (client disconnect, cancelled task) or whose deadline passed while it was
+queued is dropped before it reaches a worker and frees its slot. Every admitted request is answered exactly
+once: with its response, or with the error that failed it.
 
 The batcher does not know about processes: the registry passes in the model's ``Workers`` (the
 pool). Runs in the front-end process; never imports the pool.
@@ -21,10 +21,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from servekit.errors import HandlerError, QueueFullError, ServekitError, ServiceUnavailableError
+from servekit.errors import (
+    DeadlineExceededError,
+    HandlerError,
+    QueueFullError,
+    ServekitError,
+    ServiceUnavailableError,
+)
 from servekit.protocol import Failure, Request, Response, failure_message
 
 logger = logging.getLogger("servekit.batcher")
@@ -48,7 +54,6 @@ class Workers(Protocol[W]):
 class Pending:
     request: Request
     future: asyncio.Future[Response]
-    arrival: float = field(default_factory=time.monotonic)
 
 
 class Batcher(Generic[W]):
@@ -72,8 +77,9 @@ class Batcher(Generic[W]):
         """Requests waiting for a worker."""
         return len(self._queue)
 
-    async def submit(self, request: Request) -> Response:
-        """Queue one request and wait for its response; raises the ``ServekitError`` that failed it."""
+    async def submit(self, request: Request, timeout_s: float | None = None) -> Response:
+        """Queue one request and wait for its response; raises the ``ServekitError`` that failed it. With
+        ``timeout_s``, a request still queued after that many seconds fails with ``DeadlineExceededError``."""
         if self._closed:
             raise ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
         reason = self._workers.unavailable()
@@ -81,10 +87,29 @@ class Batcher(Generic[W]):
             raise ServiceUnavailableError(f'Model "{self.model}" {reason}')
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(self.model, self.queue_size)
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._queue.append(Pending(request, future))
+        loop = asyncio.get_running_loop()
+        pending = Pending(request, loop.create_future())
+        self._queue.append(pending)
         self._arrival.set()
-        return await future
+        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._drop(pending)  # the caller went away: free the slot now
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _drop(self, pending: Pending) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+
+    def _expire(self, pending: Pending, timeout_s: float) -> None:
+        if pending in self._queue and not pending.future.done():
+            self._drop(pending)
+            message = f"Request to model {self.model} timed out in queue after {timeout_s * 1000:.0f} ms"
+            pending.future.set_exception(DeadlineExceededError(message))
 
     async def _dispatch(self) -> None:
         while True:

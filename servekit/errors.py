@@ -17,12 +17,14 @@ place (``servekit.api.errors``) from the class's ``status_code`` and ``code``::
     ├── RequestTimeoutError (408)       unregister could not finish within its timeout
     ├── ConflictError (409)             that model name and version are already registered
     ├── RequestTooLargeError (413)
+    ├── ClientDisconnectedError (499)   the client went away; nobody reads this answer
     ├── HandlerError (500)              the handler raised, or broke the batch contract
     ├── ServiceUnavailableError (503)   no worker alive, or the model is shutting down
     │   └── QueueFullError (503)
     ├── WorkerDiedError (500)           the worker process ended while it held the batch
     ├── ProtocolError (500)             a worker sent a frame that does not parse; treated as a crash
-    └── ResponseTimeoutError (504)      the worker did not answer within response_timeout
+    ├── ResponseTimeoutError (504)      the worker did not answer within response_timeout
+    └── DeadlineExceededError (504)     the request's own deadline passed while it was queued
 
 ``type`` in the JSON body is the class name, as TorchServe reports its Java exception names.
 """
@@ -75,6 +77,11 @@ class UnauthorizedError(ServekitError):
     @property
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="servekit"'}
+
+
+class ClientDisconnectedError(ServekitError):
+    status_code = 499
+    code = "client_disconnected"
 
 
 class ForbiddenError(ServekitError):
@@ -162,6 +169,11 @@ class WorkerDiedError(ServekitError):
 class ResponseTimeoutError(ServekitError):
     status_code = 504
     code = "response_timeout"
+
+
+class DeadlineExceededError(ServekitError):
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 class ProtocolError(ServekitError):

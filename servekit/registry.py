@@ -125,8 +125,8 @@ class Model:
     def version(self) -> str:
         return self.spec.version
 
-    async def infer(self, request: Request) -> Response:
-        return await self.batcher.submit(request)
+    async def infer(self, request: Request, timeout_s: float | None = None) -> Response:
+        return await self.batcher.submit(request, timeout_s)
 
 
 class ModelRegistry:

@@ -102,7 +102,8 @@ class Server:
     workdir: Path
 
     def post(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.post(self.inference + path, timeout=60, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(self.inference + path, **kwargs)  # type: ignore[arg-type]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

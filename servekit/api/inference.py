@@ -1,8 +1,15 @@
-"""The inference API (port 8080): ``/ping`` and ``/predictions/{model}[/{version}]``."""
+"""The inference API (port 8080): ``/ping`` and ``/predictions/{model}[/{version}]``.
+
+A request may carry ``X-Servekit-Timeout-Ms``: if it is still queued after that many milliseconds it is answered
+504 and never reaches a worker. A request whose client disconnects while it waits is dropped from the queue.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import UploadFile
@@ -10,14 +17,50 @@ from starlette.responses import JSONResponse, Response
 
 from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.errors import install_error_handlers
-from servekit.errors import BadRequestError, RequestTooLargeError
+from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError
 from servekit.metrics import Metrics
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import ModelRegistry
 
+T = TypeVar("T")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+TIMEOUT_HEADER = "x-servekit-timeout-ms"
+
+
+def request_timeout(request: Request) -> float | None:
+    """The client's queueing budget in seconds (``X-Servekit-Timeout-Ms``), or ``None``."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        timeout_ms = float(value)
+    except ValueError:
+        raise BadRequestError(f"{TIMEOUT_HEADER} must be a number of milliseconds, got {value!r}") from None
+    if not 0 < timeout_ms < 1e9:
+        raise BadRequestError(f"{TIMEOUT_HEADER} must be positive, got {value!r}")
+    return timeout_ms / 1000
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (or the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (a queued request then never runs)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnectedError("The client disconnected before the response was ready")
+    return task.result()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -82,8 +125,10 @@ def create_inference_app(registry: ModelRegistry, metrics: Metrics, tokens: Toke
         headers = dict(request.headers)
         headers.update(url_path="", explain="False")
         fields = await read_fields(request, limit)
+        timeout_s = request_timeout(request)
         with metrics.track(model_name, version or "default"):
-            result = await model.infer(WorkerRequest(request_id, headers, fields))
+            work = model.infer(WorkerRequest(request_id, headers, fields), timeout_s)
+            result = await unless_disconnected(request, work)
         out_headers = {**result.headers, "x-request-id": request_id}
         return Response(result.payload, result.status, out_headers, media_type=result.content_type)
 
