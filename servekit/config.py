@@ -59,6 +59,7 @@ class Settings:
     default_response_timeout: float = 120.0
     default_startup_timeout: float = 120.0
     unregister_model_timeout: float = 120.0
+    drain_timeout: float = 30.0
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     decode_input_request: bool = True
@@ -85,6 +86,7 @@ _FLOAT_KEYS = (
     "default_response_timeout",
     "default_startup_timeout",
     "unregister_model_timeout",
+    "drain_timeout",
     "download_timeout",
     "token_expiration_min",
 )

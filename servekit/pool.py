@@ -100,6 +100,8 @@ class WorkerProcess:
                 "servekit.worker",
                 "--fd",
                 str(child.fileno()),
+                "--parent",
+                str(os.getpid()),
                 pass_fds=(child.fileno(),),
                 cwd=self.command.model_dir,
                 env={**os.environ, "OMP_NUM_THREADS": str(self.command.torch_threads)},

@@ -139,6 +139,7 @@ class ModelRegistry:
         self._on_change = on_change or (lambda: None)
         self._background: set[asyncio.Task[None]] = set()
         self.starting = True
+        self.draining = False
 
     def get(self, name: str, version: str | None = None) -> Model:
         versions = self._models.get(name)
@@ -159,8 +160,13 @@ class ModelRegistry:
         return [self._models[name][self._defaults[name]] for name in sorted(self._models)]
 
     def healthy(self) -> bool:
-        """Healthy once startup is done and every default version has its minimum of ready workers."""
-        return not self.starting and all(m.pool.ready >= m.settings.min_workers for m in self.defaults())
+        """Healthy once startup is done, until shutdown starts, while every default version has its minimum
+        of ready workers."""
+        return (
+            not self.starting
+            and not self.draining
+            and all(m.pool.ready >= m.settings.min_workers for m in self.defaults())
+        )
 
     def default_version(self, name: str) -> str:
         self.get(name)

@@ -1,8 +1,10 @@
 """The server process: builds the registry and the three apps, binds the ports, loads the startup
 models (from the latest snapshot if there is one, else ``load_models``), and owns signals and shutdown.
 
-SIGTERM or SIGINT: stop accepting connections, let the requests in flight finish, stop the workers,
-exit 0. ``/ping`` answers ``Unhealthy`` until every startup model is loaded. With token authorization on
+SIGTERM or SIGINT: ``/ping`` turns unhealthy and the listeners close at once; requests in flight and queued
+finish within ``drain_timeout`` (30 s); then the workers stop and the process exits 0. A second signal exits
+at once (code 1); the workers die with the front end (they ask the kernel for that).
+``/ping`` answers ``Unhealthy`` until every startup model is loaded. With token authorization on
 (the default), ``key_file.json`` is written in the working directory at start and removed at exit.
 """
 
@@ -151,15 +153,31 @@ async def serve(settings: Settings) -> int:
                 lifespan="off",
                 access_log=False,
                 log_level="warning",
-                timeout_graceful_shutdown=30,
+                timeout_graceful_shutdown=int(settings.drain_timeout),
             )
         )
         for app, a in apps
     ]
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: exiting now")
+            cleanup()
+            os._exit(1)
+        registry.draining = True
+        stop.set()
+
+    def cleanup() -> None:
+        if tokens is not None:
+            tokens.remove()
+        with contextlib.suppress(OSError):
+            if json.loads(pid_file().read_text()).get("pid") == os.getpid():
+                pid_file().unlink()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     while not all(s.started for s in servers):
         if any(t.done() for t in tasks):
@@ -182,11 +200,7 @@ async def serve(settings: Settings) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         await registry.close()
     finally:
-        if tokens is not None:
-            tokens.remove()
-        with contextlib.suppress(OSError):
-            if json.loads(pid_file().read_text()).get("pid") == os.getpid():
-                pid_file().unlink()
+        cleanup()
     return 0
 
 

@@ -182,10 +182,24 @@ def serve(sock: socket.socket) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the front end dies, even mid-batch (no orphan workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="servekit.worker")
     parser.add_argument("--fd", type=int, required=True, help="this worker's end of the socket pair")
+    parser.add_argument("--parent", type=int, required=True, help="the front end's pid")
     args = parser.parse_args(argv)
+    die_with_parent()
+    if os.getppid() != args.parent:  # the front end died before the line above took effect
+        return 0
     with socket.socket(fileno=args.fd) as sock:
         return serve(sock)
 
