@@ -42,6 +42,7 @@ class ModelSpec:
     manifest: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     staging: Path | None = None  # the folder to remove when the model is unloaded
+    source: Path | None = None  # the archive or folder it was opened from
 
     @property
     def handler(self) -> str:
@@ -175,4 +176,4 @@ def _read_model_dir(model_dir: Path, name: str | None, source: Path, staging: Pa
         if loaded is not None and not isinstance(loaded, dict):
             raise ArchiveError(f"{source.name}: model config {config_file} must be a mapping")
         config = loaded or {}
-    return ModelSpec(model_name, version, model_dir.resolve(), manifest, config, staging)
+    return ModelSpec(model_name, version, model_dir.resolve(), manifest, config, staging, source.resolve())

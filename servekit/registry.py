@@ -53,7 +53,7 @@ class ModelSettings:
 def _int(source: str, key: str, value: Any, minimum: int = 0) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequestError(f"{source}: {key} must be an integer, got {value!r}") from None
     if number < minimum:
         raise BadRequestError(f"{source}: {key} must be at least {minimum}, got {number}")
@@ -178,7 +178,7 @@ class ModelRegistry:
             name: {
                 version: {
                     "defaultVersion": version == self._defaults[name],
-                    "marName": m.downloaded.name if m.downloaded else m.url,
+                    "marName": self._location(m),
                     "minWorkers": m.settings.min_workers,
                     "maxWorkers": m.settings.max_workers,
                     "batchSize": m.settings.batch_size,
@@ -191,6 +191,15 @@ class ModelRegistry:
             }
             for name, versions in sorted(self._models.items())
         }
+
+    def _location(self, model: Model) -> str:
+        """Where the model's archive is, relative to the model store when it is inside it."""
+        source, store = model.spec.source, self.settings.model_store
+        if source is None:
+            return model.url
+        if store is not None and source.is_relative_to(store):
+            return str(source.relative_to(store))
+        return str(source)
 
     async def register(
         self,

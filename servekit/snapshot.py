@@ -34,8 +34,11 @@ def write(folder: Path, models: dict[str, dict[str, dict[str, Any]]]) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if path.exists():
-            os.replace(path, path.with_suffix(".json.prev"))
+        if path.exists():  # keep the current one as .prev without ever removing it first
+            link = folder / f".prev-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, folder / (FILE_NAME + ".prev"))
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -60,7 +63,8 @@ def _parse(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
             if not isinstance(entry, dict) or not isinstance(entry.get("marName"), str):
                 raise ValueError(f"model {name!r} version {version!r}: no marName")
             for key in FIELDS:
-                if key in entry and not isinstance(entry[key], int | float):
+                value = entry.get(key, 0)
+                if not isinstance(value, int | float) or isinstance(value, bool):
                     raise ValueError(f"model {name!r} version {version!r}: {key} is not a number")
     return models
 
@@ -73,6 +77,6 @@ def read(folder: Path) -> dict[str, dict[str, dict[str, Any]]] | None:
             continue
         try:
             return _parse(path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             logger.error("snapshot %s is unreadable (%s); trying the previous one", path, exc)
     return None
