@@ -38,6 +38,8 @@ def check_url(url: str, allowed: Sequence[str]) -> str:
         raise DownloadError(f"Invalid URL {url!r}: only http(s) URLs with a host can be downloaded")
     if parts.username is not None or parts.password is not None:
         raise DownloadError(f"Given URL {url} does not match any allowed URL(s): user info is not allowed")
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
+        raise DownloadError(f"Relative path is not allowed in url: {url}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     normalised = f"{parts.scheme.lower()}://{host}{f':{port}' if port else ''}{parts.path or '/'}"
     if parts.query:
@@ -62,15 +64,18 @@ async def download(url: str, store: Path, allowed: Sequence[str], max_bytes: int
     if target.exists():
         raise ConflictError(f"Model file already exists {target.name}")
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            async with client.stream("GET", current) as response:
-                if response.is_redirect:
-                    current = check_url(urljoin(current, response.headers.get("location", "")), allowed)
-                    continue
-                if response.status_code != 200:
-                    raise DownloadError(f"Failed to download archive from: {url} (HTTP {response.status_code})")
-                return await _save(response, target, max_bytes, deadline, url)
+    try:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                async with client.stream("GET", current) as response:
+                    if response.is_redirect:
+                        current = check_url(urljoin(current, response.headers.get("location", "")), allowed)
+                        continue
+                    if response.status_code != 200:
+                        raise DownloadError(f"Failed to download archive from: {url} (HTTP {response.status_code})")
+                    return await _save(response, target, max_bytes, deadline, url)
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"Failed to download archive from: {url} ({type(exc).__name__}: {exc})") from None
     raise DownloadError(f"Failed to download archive from: {url} (more than {MAX_REDIRECTS} redirects)")
 
 

@@ -49,7 +49,6 @@ class PoolSettings:
     response_timeout: float
     startup_timeout: float
     max_response_size: int
-    torch_threads: int
     gpu_ids: tuple[int, ...] = ()  # round-robin over these; empty = CPU
 
 
@@ -93,6 +92,7 @@ class WorkerProcess:
     async def start(self) -> None:
         """Spawn the process and load the model; raises ``HandlerError`` if the load fails."""
         parent, child = socket.socketpair()
+        threads = str(self.command.torch_threads)  # torch reads these at import: no oversubscribed cores
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -104,7 +104,7 @@ class WorkerProcess:
                 str(os.getpid()),
                 pass_fds=(child.fileno(),),
                 cwd=self.command.model_dir,
-                env={**os.environ, "OMP_NUM_THREADS": str(self.command.torch_threads)},
+                env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
             )
         except BaseException:
             parent.close()

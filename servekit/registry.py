@@ -236,7 +236,6 @@ class ModelRegistry:
             response_timeout=model_settings.response_timeout,
             startup_timeout=model_settings.startup_timeout,
             max_response_size=self.settings.max_response_size,
-            torch_threads=threads,
             gpu_ids=model_settings.gpu_ids,
         )
         pool = WorkerPool(command_for, pool_settings)

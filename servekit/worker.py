@@ -146,14 +146,12 @@ class Worker:
 
 
 def prepare_process(command: protocol.LoadCommand) -> None:
-    """Process-wide setup before the handler is imported: threads, paths, working directory."""
+    """Process-wide setup before the handler is imported: paths and working directory. torch's thread count
+    comes from ``OMP_NUM_THREADS``, set by the pool, so a handler that never imports torch does not pay for it."""
     if importlib.util.find_spec("ts") is None:
         sys.path.append(COMPAT_PATH)
     sys.path.insert(0, command.model_dir)
     os.chdir(command.model_dir)
-    import torch
-
-    torch.set_num_threads(command.torch_threads)
 
 
 def serve(sock: socket.socket) -> int:
