@@ -655,9 +655,14 @@ def test_management_scaling_20_times_while_serving_loses_nothing(server: Server)
         call(server, "DELETE", "/models/churn")
 
 
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
 def test_management_register_infer_unregister_cycles_leave_no_processes(server: Server) -> None:
     baseline = set(children_of(server.process.pid))
     staging_before = set(server.workdir.glob("servekit-model-*"))
+    fds_before = open_fds(server.process.pid)
     for cycle in range(3):
         params = {"url": "echo.mar", "model_name": "cycle", "initial_workers": "1"}
         assert call(server, "POST", "/models", params=params).status_code == 200
@@ -667,3 +672,4 @@ def test_management_register_infer_unregister_cycles_leave_no_processes(server: 
         assert set(children_of(server.process.pid)) == baseline
     assert set(server.workdir.glob("servekit-model-*")) == staging_before
     assert set(children_of(server.process.pid)) == all_worker_pids(server)
+    assert open_fds(server.process.pid) <= fds_before  # sockets to the workers and archive files are closed
