@@ -60,6 +60,8 @@ class Settings:
     default_startup_timeout: float = 120.0
     unregister_model_timeout: float = 120.0
     drain_timeout: float = 30.0
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 60.0
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     decode_input_request: bool = True
@@ -87,6 +89,8 @@ _FLOAT_KEYS = (
     "default_startup_timeout",
     "unregister_model_timeout",
     "drain_timeout",
+    "http_header_timeout",
+    "http_body_timeout",
     "download_timeout",
     "token_expiration_min",
 )

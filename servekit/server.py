@@ -24,6 +24,7 @@ import uvicorn
 
 from servekit import snapshot
 from servekit.api.auth import TokenStore
+from servekit.api.http import protocol_with
 from servekit.api.inference import create_inference_app
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
@@ -149,7 +150,7 @@ async def serve(settings: Settings) -> int:
                 app,
                 host=a.host,
                 port=a.port,
-                http="httptools",
+                http=protocol_with(settings.http_header_timeout, settings.http_body_timeout),
                 lifespan="off",
                 access_log=False,
                 log_level="warning",
