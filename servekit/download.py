@@ -81,7 +81,7 @@ async def download(url: str, store: Path, allowed: Sequence[str], max_bytes: int
 
 async def _save(response: httpx.Response, target: Path, max_bytes: int, deadline: float, url: str) -> Path:
     declared = response.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise DownloadError(f"Archive at {url} is {declared} bytes, over the limit of {max_bytes}")
     fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-")
     temp = Path(temp_name)

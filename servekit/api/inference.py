@@ -66,7 +66,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(int(declared), limit)
     chunks = []
     size = 0
@@ -102,10 +102,10 @@ async def read_fields(request: Request, limit: int) -> tuple[Field, ...]:
 
 
 def create_inference_app(registry: ModelRegistry, metrics: Metrics, tokens: TokenStore | None = None) -> FastAPI:
-    app = FastAPI(title="servekit inference API", openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="servekit inference API", openapi_url="/api-description", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     if tokens is not None:
-        app.add_middleware(TokenAuth, store=tokens, kind="inference", open_paths=("/ping",))
+        app.add_middleware(TokenAuth, store=tokens, kind="inference", open_paths=("/ping", "/api-description"))
     limit = registry.settings.max_request_size
 
     @app.api_route("/ping", methods=["GET", "POST"])

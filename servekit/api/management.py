@@ -21,6 +21,16 @@ from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllo
 from servekit.registry import Model, ModelRegistry
 
 PROCESSING = {"status": "Processing worker updates..."}
+API_DESCRIPTION = "/api-description"
+
+
+def documented(*names: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """OpenAPI for query parameters that a route reads itself (they may also come in a JSON body)."""
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": name in required, "schema": {"type": "string"}} for name in names
+        ]
+    }
 
 
 def describe(model: Model) -> dict[str, Any]:
@@ -110,13 +120,13 @@ def local_archive(url: str, store: Path) -> Path:
 
 
 def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:
-    app = FastAPI(title="servekit management API", openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="servekit management API", openapi_url=API_DESCRIPTION, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     settings = registry.settings
     if tokens is not None:
-        app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token",))
+        app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION))
 
-        @app.api_route("/token", methods=["GET", "POST", "PUT"])
+        @app.api_route("/token", methods=["GET", "POST", "PUT"], openapi_extra=documented("type", required=("type",)))
         async def rotate_token(request: Request) -> JSONResponse:
             assert tokens is not None
             tokens.rotate(request.query_params.get("type", ""), request.headers.get("authorization"))
@@ -162,8 +172,9 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
 
     @app.get("/models")
     async def list_models(limit: str = "100", next_page_token: str = "0") -> JSONResponse:
-        size = int(limit) if limit.isdigit() and 0 < int(limit) <= 100 else 100
-        start = int(next_page_token) if next_page_token.isdigit() else 0
+        # TorchServe's rules: a bad or out-of-range limit means 100, a bad token means the first page
+        size = int(limit) if limit.isascii() and limit.isdigit() and 0 < int(limit) <= 100 else 100
+        start = int(next_page_token) if next_page_token.isascii() and next_page_token.isdigit() else 0
         models = registry.defaults()
         page = [{"modelName": m.name, "modelUrl": m.url} for m in models[start : start + size]]
         body: dict[str, Any] = {"models": page}
@@ -171,7 +182,20 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
             body = {"nextPageToken": str(start + size), **body}
         return JSONResponse(body)
 
-    @app.post("/models")
+    register_params = documented(
+        "url",
+        "model_name",
+        "handler",
+        "runtime",
+        "batch_size",
+        "max_batch_delay",
+        "initial_workers",
+        "synchronous",
+        "response_timeout",
+        "startup_timeout",
+    )
+
+    @app.post("/models", openapi_extra=register_params)
     async def register(request: Request) -> JSONResponse:
         require_model_api()
         params = await request_params(request)
@@ -208,11 +232,13 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         models = registry.versions(name) if version == "all" else [registry.get(name, version)]
         return JSONResponse([describe(m) for m in models])
 
-    @app.put("/models/{name}")
+    scale_params = documented("min_worker", "max_worker", "synchronous", "model_version")
+
+    @app.put("/models/{name}", openapi_extra=scale_params)
     async def scale_default(name: str, request: Request) -> JSONResponse:
         return await scale(name, None, request)
 
-    @app.put("/models/{name}/{version}")
+    @app.put("/models/{name}/{version}", openapi_extra=scale_params)
     async def scale(name: str, version: str | None, request: Request) -> JSONResponse:
         params = dict(request.query_params)
         version = version or params.get("model_version") or None
