@@ -70,11 +70,18 @@ class Client:
             return await self._post()
 
     async def _post(self) -> int:
+        if self.idle:  # a keep-alive connection the server may have closed while idle: retry once on a new one
+            status = await self._exchange(self.idle.pop(), count_failure=False)
+            if status:
+                return status
         try:
-            conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
+            conn = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError as exc:
             self.failures[type(exc).__name__] += 1
             return 0
+        return await self._exchange(conn, count_failure=True)
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], count_failure: bool) -> int:
         reader, writer = conn
         try:
             writer.write(self.head + BODY)
@@ -87,7 +94,8 @@ class Client:
                 close |= name.lower() == "connection" and "close" in value.lower()
             await reader.readexactly(length)
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
-            self.failures[type(exc).__name__] += 1
+            if count_failure:
+                self.failures[type(exc).__name__] += 1
             writer.close()
             return 0
         if close:
@@ -170,8 +178,10 @@ async def main_async(args: argparse.Namespace, server_pid: int, port: int) -> di
     def process_line() -> str:
         workers = children(server_pid)
         fds = len(os.listdir(f"/proc/{server_pid}/fd"))
-        return (f"front-end RSS={rss_mib(server_pid):.1f}MiB workers RSS={sum(rss_mib(w) for w in workers):.1f}MiB "
-                f"({len(workers)}) fds={fds}")
+        return (
+            f"front-end RSS={rss_mib(server_pid):.1f}MiB workers RSS={sum(rss_mib(w) for w in workers):.1f}MiB "
+            f"({len(workers)}) fds={fds}"
+        )
 
     def report(number: int, window: Window) -> None:
         print(f"  minute {number}: {window.line()} | {process_line()}", flush=True)
@@ -179,8 +189,9 @@ async def main_async(args: argparse.Namespace, server_pid: int, port: int) -> di
     soak_rate = 0.7 * capacity
     print(f"soak: {soak_rate:.0f} req/s (70 %) for {args.minutes} min", flush=True)
     soak = await open_loop(client, soak_rate, args.minutes * 60, 60, report)
-    total = Window(sum(w.sent for w in soak), sum((w.statuses for w in soak), Counter()),
-                   [x for w in soak for x in w.latencies])
+    total = Window(
+        sum(w.sent for w in soak), sum((w.statuses for w in soak), Counter()), [x for w in soak for x in w.latencies]
+    )
     print(f"soak total: {total.line()} client errors={dict(client.failures)}", flush=True)
 
     print(f"overload: {2 * capacity:.0f} req/s (200 %) for {args.overload_seconds} s", flush=True)
@@ -191,13 +202,28 @@ async def main_async(args: argparse.Namespace, server_pid: int, port: int) -> di
 
     baseline_p50 = sorted(total.latencies)[len(total.latencies) // 2]
     recovery = await open_loop(client, soak_rate, 30, 1, lambda n, w: None)
-    back = next((i + 1 for i, w in enumerate(recovery)
-                 if w.latencies and not set(w.statuses) - {200}
-                 and sorted(w.latencies)[len(w.latencies) // 2] <= 2 * baseline_p50), None)
-    print(f"recovery: latency back within 2x of the soak p50 ({baseline_p50 * 1000:.2f} ms) after "
-          f"{back if back is not None else '>30'} s; then {process_line()}", flush=True)
-    return {"capacity": capacity, "soak_sent": total.sent, "soak_statuses": dict(total.statuses),
-            "overload_statuses": dict(overload[0].statuses), "recovery_s": back}
+    back = next(
+        (
+            i + 1
+            for i, w in enumerate(recovery)
+            if w.latencies
+            and not set(w.statuses) - {200}
+            and sorted(w.latencies)[len(w.latencies) // 2] <= 2 * baseline_p50
+        ),
+        None,
+    )
+    print(
+        f"recovery: latency back within 2x of the soak p50 ({baseline_p50 * 1000:.2f} ms) after "
+        f"{back if back is not None else '>30'} s; then {process_line()}",
+        flush=True,
+    )
+    return {
+        "capacity": capacity,
+        "soak_sent": total.sent,
+        "soak_statuses": dict(total.statuses),
+        "overload_statuses": dict(overload[0].statuses),
+        "recovery_s": back,
+    }
 
 
 def main() -> int:
@@ -208,10 +234,27 @@ def main() -> int:
     ports = [free_port() for _ in range(3)]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.properties"
-        config.write_text("".join(f"{k}_address=http://127.0.0.1:{p}\n"
-                                  for k, p in zip(("inference", "management", "metrics"), ports, strict=True)))
-        command = [sys.executable, "-m", "servekit", "start", "--foreground", "--ncs", "--disable-token-auth",
-                   "--model-store", str(REPO / "model_store"), "--models", "mlp=mlp", "--ts-config", str(config)]
+        config.write_text(
+            "".join(
+                f"{k}_address=http://127.0.0.1:{p}\n"
+                for k, p in zip(("inference", "management", "metrics"), ports, strict=True)
+            )
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "servekit",
+            "start",
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            "--model-store",
+            str(REPO / "model_store"),
+            "--models",
+            "mlp=mlp",
+            "--ts-config",
+            str(config),
+        ]
         with open(Path(tmp) / "server.log", "wb") as log:
             server = subprocess.Popen(command, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         try:

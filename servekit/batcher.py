@@ -20,7 +20,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -31,7 +31,7 @@ from servekit.errors import (
     ServekitError,
     ServiceUnavailableError,
 )
-from servekit.protocol import Failure, Request, Response, failure_message
+from servekit.protocol import BatchResult, Failure, MetricRecord, Request, Response, failure_message
 
 logger = logging.getLogger("servekit.batcher")
 W = TypeVar("W")
@@ -47,25 +47,37 @@ class Workers(Protocol[W]):
 
     def release(self, worker: W) -> None: ...
 
-    async def run(self, worker: W, requests: list[Request]) -> list[Response] | Failure: ...
+    async def run(self, worker: W, requests: list[Request]) -> BatchResult: ...
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports queue times and batches (the model's metrics)."""
+
+    def queued(self, seconds: float) -> None: ...
+
+    def batch(self, size: int, handler_ms: float, records: Sequence[MetricRecord]) -> None: ...
 
 
 @dataclass(slots=True)
 class Pending:
     request: Request
     future: asyncio.Future[Response]
+    arrival: float
 
 
 class Batcher(Generic[W]):
     """Queue, batch and dispatch the requests of one model version."""
 
-    def __init__(self, model: str, workers: Workers[W], batch_size: int, queue_size: int) -> None:
+    def __init__(
+        self, model: str, workers: Workers[W], batch_size: int, queue_size: int, observer: BatchObserver
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
         self.queue_size = queue_size
         self._workers = workers
+        self._observer = observer
         self._queue: collections.deque[Pending] = collections.deque()
         self._arrival = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
@@ -88,7 +100,7 @@ class Batcher(Generic[W]):
         if len(self._queue) >= self.queue_size:
             raise QueueFullError(self.model, self.queue_size)
         loop = asyncio.get_running_loop()
-        pending = Pending(request, loop.create_future())
+        pending = Pending(request, loop.create_future(), time.perf_counter())
         self._queue.append(pending)
         self._arrival.set()
         timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
@@ -132,18 +144,22 @@ class Batcher(Generic[W]):
 
     def _take_batch(self) -> list[Pending]:
         batch: list[Pending] = []
+        now = time.perf_counter()
         while self._queue and len(batch) < self.batch_size:
             pending = self._queue.popleft()
             if not pending.future.done():  # cancelled: the caller went away
                 batch.append(pending)
+                self._observer.queued(now - pending.arrival)
         return batch
 
     async def _execute(self, worker: W, batch: list[Pending]) -> None:
         try:
-            outcome = await self._workers.run(worker, [p.request for p in batch])
+            result = await self._workers.run(worker, [p.request for p in batch])
         except ServekitError as exc:
             self._fail(batch, exc)
             return
+        self._observer.batch(len(batch), result.handler_ms, result.metrics)
+        outcome = result.outcome
         if isinstance(outcome, Failure):
             self._fail(batch, HandlerError(failure_message(self.model, outcome), outcome.status))
             return

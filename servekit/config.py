@@ -62,6 +62,8 @@ class Settings:
     drain_timeout: float = 30.0
     http_header_timeout: float = 10.0
     http_body_timeout: float = 60.0
+    access_log: bool = True
+    log_format: str = "text"  # or "json"
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     decode_input_request: bool = True
@@ -94,7 +96,7 @@ _FLOAT_KEYS = (
     "download_timeout",
     "token_expiration_min",
 )
-_BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api")
+_BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api", "access_log")
 _ENV_KEYS = (
     "inference_address",
     "management_address",
@@ -217,6 +219,10 @@ def settings_from(values: Mapping[str, str]) -> Settings:
             except re.error as exc:
                 raise ConfigError(f"allowed_urls: bad pattern {pattern!r} ({exc})") from None
         kwargs["allowed_urls"] = patterns
+    if values.get("log_format"):
+        if values["log_format"] not in ("text", "json"):
+            raise ConfigError(f"log_format: expected text or json, got {values['log_format']!r}")
+        kwargs["log_format"] = values["log_format"]
     if "snapshots" in values:
         kwargs["snapshots"] = _as_bool("snapshots", values["snapshots"])
     return Settings(raw=dict(values), **kwargs)  # type: ignore[arg-type]

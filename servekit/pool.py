@@ -144,7 +144,7 @@ class WorkerProcess:
             logger.warning("worker %s of %s exited: %s", self.id, self.command.model_name, describe_exit(code))
             self._on_exit(self)
 
-    async def run(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
+    async def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
         """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead."""
         try:
             await self._send(protocol.encode_batch(requests))
@@ -159,10 +159,8 @@ class WorkerProcess:
             code = await self.kill()
             reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
             raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
-        if header.get("op") == "failure":
-            return protocol.decode_failure(header)
         try:
-            return protocol.decode_responses(header, parts, len(requests))
+            return protocol.decode_result(header, parts, len(requests))
         except ProtocolError as exc:
             await self.kill()
             raise WorkerDiedError(f"Worker of model {self.command.model_name} sent a bad frame: {exc}") from None
@@ -225,8 +223,15 @@ def describe_exit(code: int | None) -> str:
 class WorkerPool:
     """The workers of one model version, with a target size that ``scale`` changes."""
 
-    def __init__(self, command_for: Callable[[int | None], protocol.LoadCommand], settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        command_for: Callable[[int | None], protocol.LoadCommand],
+        settings: PoolSettings,
+        on_loaded: Callable[[WorkerProcess, float], None] = lambda worker, seconds: None,
+    ) -> None:
         self._command_for = command_for
+        self._on_loaded = on_loaded
+        self.restarts = 0
         self.settings = settings
         self.workers: list[WorkerProcess] = []
         self.target = 0
@@ -240,6 +245,10 @@ class WorkerPool:
     @property
     def ready(self) -> int:
         return sum(1 for w in self.workers if w.status == "READY" and not w.retiring)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self.workers if w.status == "READY" and w not in self._idle)
 
     def unavailable(self) -> str | None:
         """Why requests cannot be served now: no workers wanted, or every worker keeps crashing."""
@@ -261,9 +270,7 @@ class WorkerPool:
             self._waiters.append(future)
         return future
 
-    async def run(
-        self, worker: WorkerProcess, requests: list[protocol.Request]
-    ) -> list[protocol.Response] | protocol.Failure:
+    async def run(self, worker: WorkerProcess, requests: list[protocol.Request]) -> protocol.BatchResult:
         """Run one batch on an acquired worker, then give the worker back (or replace it if it died)."""
         try:
             outcome = await worker.run(requests)
@@ -317,6 +324,7 @@ class WorkerPool:
             return
         try:
             await self._add_worker()
+            self.restarts += 1
         except ServekitError as exc:
             logger.error("restart failed: %s", exc.message)
             self._restarts.discard(asyncio.current_task())
@@ -330,8 +338,10 @@ class WorkerPool:
         gpu_id = next(self._gpu_cycle) if self._gpu_cycle else None
         worker = WorkerProcess(self._command_for(gpu_id), self.settings, self._on_exit)
         self.workers.append(worker)
+        started = time.monotonic()
         try:
             await worker.start()
+            self._on_loaded(worker, time.monotonic() - started)
         except BaseException:
             self._discard(worker)
             await worker.kill()

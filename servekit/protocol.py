@@ -76,6 +76,29 @@ class Failure:
     traceback: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class MetricRecord:
+    """A metric a handler emitted through ``context.metrics``; the front end exposes it."""
+
+    name: str
+    value: float
+    unit: str
+    kind: str  # "counter" accumulates; "gauge" and "histogram" keep the last value
+    dimensions: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What came back for one batch: its responses or one failure, the handler's time and its metrics."""
+
+    outcome: list[Response] | Failure
+    handler_ms: float = 0.0
+    metrics: tuple[MetricRecord, ...] = ()
+
+
+MAX_RECORDS = 1000  # metric records per batch; more is a protocol error
+
+
 def failure_message(model: str, failure: Failure) -> str:
     """What a client is told when its batch failed in the handler."""
     return f"Prediction failed for model {model}: {failure.kind}: {failure.message}"
@@ -139,9 +162,42 @@ def decode_batch(header: dict[str, Any], parts: list[memoryview]) -> list[Reques
     ]
 
 
-def encode_responses(responses: Sequence[Response]) -> list[bytes | bytearray | memoryview]:
-    meta = [[r.status, r.content_type, r.headers, r.reason] for r in responses]
-    return encode({"op": "result", "responses": meta}, [r.payload for r in responses])
+def encode_result(result: BatchResult) -> list[bytes | bytearray | memoryview]:
+    timing = {
+        "handler_ms": result.handler_ms,
+        "metrics": [[m.name, m.value, m.unit, m.kind, [list(d) for d in m.dimensions]] for m in result.metrics],
+    }
+    if isinstance(result.outcome, Failure):
+        return encode({"op": "failure", **asdict(result.outcome), **timing})
+    meta = [[r.status, r.content_type, r.headers, r.reason] for r in result.outcome]
+    return encode({"op": "result", "responses": meta, **timing}, [r.payload for r in result.outcome])
+
+
+def decode_result(header: dict[str, Any], parts: list[memoryview], expected: int) -> BatchResult:
+    """A batch's result from a worker; anything malformed is a ``ProtocolError``."""
+    if header.get("op") == "failure":
+        outcome: list[Response] | Failure = decode_failure(header)
+    else:
+        outcome = decode_responses(header, parts, expected)
+    handler_ms = header.get("handler_ms", 0.0)
+    if not isinstance(handler_ms, int | float) or not 0 <= handler_ms < 1e12:
+        raise ProtocolError("handler_ms must be a non-negative number")
+    return BatchResult(outcome, float(handler_ms), _decode_metrics(header.get("metrics", [])))
+
+
+def _decode_metrics(items: Any) -> tuple[MetricRecord, ...]:
+    if not isinstance(items, list) or len(items) > MAX_RECORDS:
+        raise ProtocolError(f"metrics must be a list of at most {MAX_RECORDS} records")
+    records = []
+    for item in items:
+        try:
+            name, value, unit, kind, dimensions = item
+            dims = tuple((str(k), str(v)) for k, v in dimensions)
+            record = MetricRecord(str(name), float(value), str(unit), str(kind), dims)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"malformed metric record {item!r:.200}") from None
+        records.append(record)
+    return tuple(records)
 
 
 def decode_responses(header: dict[str, Any], parts: list[memoryview], expected: int) -> list[Response]:

@@ -29,6 +29,7 @@ from servekit.errors import (
     ModelVersionNotFoundError,
     ServekitError,
 )
+from servekit.metrics import Metrics, ModelMetrics, ModelState
 from servekit.pool import PoolSettings, WorkerPool, WorkerProcess
 from servekit.protocol import LoadCommand, Request, Response
 
@@ -112,6 +113,7 @@ class Model:
     url: str
     pool: WorkerPool
     batcher: Batcher[WorkerProcess]
+    metrics: ModelMetrics
     loaded_at_startup: bool = False
     downloaded: Path | None = None  # an archive fetched from a URL, removed with the model
     registered_at: float = field(default_factory=time.time)
@@ -132,8 +134,9 @@ class Model:
 class ModelRegistry:
     """Models by name and version, and the default version of each name."""
 
-    def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._models: dict[str, dict[str, Model]] = {}
         self._defaults: dict[str, str] = {}
         self._on_change = on_change or (lambda: None)
@@ -158,6 +161,14 @@ class ModelRegistry:
     def defaults(self) -> list[Model]:
         """The default version of every model, sorted by name."""
         return [self._models[name][self._defaults[name]] for name in sorted(self._models)]
+
+    def states(self) -> list[ModelState]:
+        """Queue depth and workers of every model version, for the metrics."""
+        return [
+            ModelState(m.name, m.version, m.batcher.depth, m.pool.ready, m.pool.busy, m.pool.restarts)
+            for versions in list(self._models.values())
+            for m in list(versions.values())
+        ]
 
     def healthy(self) -> bool:
         """Healthy once startup is done, until shutdown starts, while every default version has its minimum
@@ -238,9 +249,14 @@ class ModelRegistry:
             max_response_size=self.settings.max_response_size,
             gpu_ids=model_settings.gpu_ids,
         )
-        pool = WorkerPool(command_for, pool_settings)
-        batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size)
-        model = Model(spec, model_settings, url, pool, batcher, loaded_at_startup, downloaded)
+        model_metrics = self.metrics.model(spec.name, spec.version)
+
+        def loaded(worker: WorkerProcess, seconds: float) -> None:
+            self.metrics.worker_loaded(f"W-{worker.id}-{spec.name}_{spec.version}", seconds)
+
+        pool = WorkerPool(command_for, pool_settings, loaded)
+        batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size, model_metrics)
+        model = Model(spec, model_settings, url, pool, batcher, model_metrics, loaded_at_startup, downloaded)
         versions = self._models.setdefault(spec.name, {})
         versions[spec.version] = model
         self._defaults.setdefault(spec.name, spec.version)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import uvicorn
 
-from servekit import snapshot
+from servekit import logs, snapshot
+from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
 from servekit.api.http import protocol_with
 from servekit.api.inference import create_inference_app
@@ -132,22 +133,23 @@ async def serve(settings: Settings) -> int:
             except OSError as exc:
                 logger.error("cannot write the snapshot: %s", exc)
 
-    registry = ModelRegistry(settings, on_change=save_snapshot)
     metrics = Metrics()
+    registry = ModelRegistry(settings, metrics, on_change=save_snapshot)
+    metrics.watch(registry.states)
     tokens = (
         None
         if settings.disable_token_authorization
         else TokenStore(Path("key_file.json"), settings.token_expiration_min)
     )
     apps = [
-        (create_inference_app(registry, metrics, tokens), settings.inference_address),
+        (create_inference_app(registry, tokens), settings.inference_address),
         (create_management_app(registry, tokens), settings.management_address),
         (create_metrics_app(metrics), settings.metrics_address),
     ]
     servers = [
         _Server(
             uvicorn.Config(
-                app,
+                AccessLog(app, metrics, settings.access_log),
                 host=a.host,
                 port=a.port,
                 http=protocol_with(settings.http_header_timeout, settings.http_body_timeout),
@@ -207,7 +209,7 @@ async def serve(settings: Settings) -> int:
 
 def run(settings: Settings) -> int:
     """Run the server in this process until SIGTERM/SIGINT; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format)
     import uvloop
 
     return uvloop.run(serve(settings))

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,18 @@ class Worker:
         )
         self.entry: EntryPoint = load_handler(command.handler, command.model_dir, self.context)
 
-    def run(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
+    def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
+        """One batch: the answers, the time it took (TorchServe's ``PredictionTime``) and the handler's metrics."""
+        start = time.perf_counter()
+        outcome = self._answer(requests)
+        handler_ms = (time.perf_counter() - start) * 1000
+        metrics = self.context.metrics
+        if not isinstance(outcome, protocol.Failure):
+            metrics.add_time("PredictionTime", round(handler_ms, 2))
+        records = tuple(protocol.MetricRecord(*record) for record in metrics.take())
+        return protocol.BatchResult(outcome, handler_ms, records)
+
+    def _answer(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
         """Decode the inputs, call the handler on the requests whose inputs decode, and answer each request;
         a request with a malformed JSON body gets 400 without reaching the handler."""
         decode = self.command.decode_input_request
@@ -172,11 +184,7 @@ def serve(sock: socket.socket) -> int:
     while (body := protocol.recv_frame(sock)) is not None:
         header, parts = protocol.decode(body)
         requests = protocol.decode_batch(header, parts)
-        outcome = worker.run(requests)
-        if isinstance(outcome, protocol.Failure):
-            protocol.send_frame(sock, protocol.encode_failure(outcome))
-        else:
-            protocol.send_frame(sock, protocol.encode_responses(outcome))
+        protocol.send_frame(sock, protocol.encode_result(worker.run(requests)))
     return 0
 
 

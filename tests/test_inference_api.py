@@ -327,9 +327,3 @@ def test_management_describes_models_with_torchserve_fields(server: Server) -> N
     echo = described[0]
     assert echo["batchSize"] == 4 and echo["maxBatchDelay"] == 50 and echo["minWorkers"] == 2
     assert len(echo["workers"]) == 2 and all(w["status"] == "READY" and w["pid"] for w in echo["workers"])
-
-
-def test_metrics_count_requests(server: Server) -> None:
-    server.post("/predictions/mlp", json={"data": [0.0] * 16})
-    text = httpx.get(server.metrics + "/metrics").text
-    assert 'ts_inference_requests_total{code="200",model_name="mlp",model_version="default"}' in text

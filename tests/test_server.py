@@ -86,3 +86,26 @@ def test_server_serves_the_bundled_example_models(tmp_path: Path) -> None:
         assert len(eager.json()) == 4
         assert scripted.json() == eager.json()
         assert server.post("/predictions/mlp", json={"nodata": 1}).status_code == 400
+
+
+HANGING_INIT_HANDLER = """
+import time
+
+
+def handle(data, context):
+    if data is None:
+        time.sleep(600)
+    return ["never"]
+"""
+
+
+def test_server_model_hanging_in_initialize_fails_within_startup_timeout(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    make_archive(store, "good", TS_HANDLER_PY, work=tmp_path / "work", model="eager")
+    make_archive(store, "stuck", HANGING_INIT_HANDLER, work=tmp_path / "work", config="startupTimeout: 2\n")
+    with running_server(tmp_path / "run", store) as server:
+        assert server.post("/predictions/good", json={"data": [0.0] * 16}).status_code == 200
+        assert server.post("/predictions/stuck", content=b"x").status_code == 404
+        assert "did not load within startup_timeout=2s" in server.log_text()
+        assert len(children_of(server.process.pid)) == 1  # the stuck worker was killed

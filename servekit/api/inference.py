@@ -7,6 +7,8 @@ A request may carry ``X-Servekit-Timeout-Ms``: if it is still queued after that 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -16,14 +18,14 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from servekit.api.auth import TokenAuth, TokenStore
-from servekit.api.errors import install_error_handlers
-from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError
-from servekit.metrics import Metrics
+from servekit.api.errors import error_response, install_error_handlers
+from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import ModelRegistry
 
 T = TypeVar("T")
+logger = logging.getLogger("servekit.inference")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
@@ -101,7 +103,7 @@ async def read_fields(request: Request, limit: int) -> tuple[Field, ...]:
     return tuple(fields.values())
 
 
-def create_inference_app(registry: ModelRegistry, metrics: Metrics, tokens: TokenStore | None = None) -> FastAPI:
+def create_inference_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:
     app = FastAPI(title="servekit inference API", openapi_url="/api-description", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     if tokens is not None:
@@ -122,13 +124,31 @@ def create_inference_app(registry: ModelRegistry, metrics: Metrics, tokens: Toke
     async def predict(model_name: str, version: str | None, request: Request) -> Response:
         model = registry.get(model_name, version)
         request_id = str(uuid.uuid4())
-        headers = dict(request.headers)
-        headers.update(url_path="", explain="False")
-        fields = await read_fields(request, limit)
-        timeout_s = request_timeout(request)
-        with metrics.track(model_name, version or "default"):
-            work = model.infer(WorkerRequest(request_id, headers, fields), timeout_s)
+        start = time.perf_counter()
+        status = 500
+        try:
+            headers = dict(request.headers)
+            headers.update(url_path="", explain="False")
+            fields = await read_fields(request, limit)
+            work = model.infer(WorkerRequest(request_id, headers, fields), request_timeout(request))
             result = await unless_disconnected(request, work)
+            status = result.status
+        except ServekitError as exc:
+            status = exc.status_code
+            level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.WARNING
+            logger.log(
+                level,
+                "request %s to model %s: %d %s",
+                request_id,
+                model.name,
+                status,
+                exc.message,
+                extra={"request_id": request_id, "model": model.name},
+            )
+            headers = {**exc.headers, "x-request-id": request_id}
+            return error_response(exc.status_code, type(exc).__name__, exc.message, headers)
+        finally:
+            model.metrics.request(version or "default", status, time.perf_counter() - start)
         out_headers = {**result.headers, "x-request-id": request_id}
         return Response(result.payload, result.status, out_headers, media_type=result.content_type)
 

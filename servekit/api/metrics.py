@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
@@ -14,8 +14,11 @@ def create_metrics_app(metrics: Metrics) -> FastAPI:
     app = FastAPI(title="servekit metrics API", openapi_url="/api-description", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
-    @app.get("/metrics")
-    async def render() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    @app.get(
+        "/metrics", openapi_extra={"parameters": [{"name": "name[]", "in": "query", "schema": {"type": "string"}}]}
+    )
+    async def render(request: Request) -> Response:
+        """Prometheus text; repeat ``name[]=<metric>`` to get only those metric families."""
+        return Response(metrics.render(request.query_params.getlist("name[]")), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,0 +1,1 @@
+"""``ts.metrics`` for handlers written for TorchServe."""

@@ -1,0 +1,5 @@
+"""``ts.metrics.metric_type_enum`` for handlers written for TorchServe."""
+
+from servekit.handler import MetricTypes
+
+__all__ = ["MetricTypes"]
