@@ -64,6 +64,7 @@ class WorkerProcess:
         self.id = str(next(_ids))
         self._on_exit = on_exit
         self._watcher: asyncio.Task[None] | None = None
+        self._output: asyncio.Task[None] | None = None
         self.command = command
         self.settings = settings
         self.start_time = time.time()
@@ -105,12 +106,16 @@ class WorkerProcess:
                 pass_fds=(child.fileno(),),
                 cwd=self.command.model_dir,
                 env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
+        assert self.process.stdout is not None
+        self._output = asyncio.get_running_loop().create_task(self._relay_output(self.process.stdout))
         self._reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         try:
             await self._send(protocol.encode_load(self.command))
@@ -132,6 +137,22 @@ class WorkerProcess:
             raise HandlerError(f"Failed to load model {self.command.model_name}: {failure.kind}: {failure.message}")
         self.status = "READY"
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    @property
+    def name(self) -> str:
+        return f"W-{self.id}-{self.command.model_name}"
+
+    async def _relay_output(self, stream: asyncio.StreamReader) -> None:
+        """The worker's stdout and stderr (handler prints, tracebacks) into the server log, line by line."""
+        worker_log = logging.getLogger("servekit.worker")
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the stream's limit: pass on what is buffered
+                line = await stream.read(2**16)
+            if not line:
+                return
+            worker_log.info("[%s] %s", self.name, line.decode(errors="replace").rstrip(), extra={"worker": self.name})
 
     async def _watch(self) -> None:
         """Notice a worker that exits on its own (crash, OOM kill) even while it is idle."""

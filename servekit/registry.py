@@ -252,7 +252,7 @@ class ModelRegistry:
         model_metrics = self.metrics.model(spec.name, spec.version)
 
         def loaded(worker: WorkerProcess, seconds: float) -> None:
-            self.metrics.worker_loaded(f"W-{worker.id}-{spec.name}_{spec.version}", seconds)
+            self.metrics.worker_loaded(f"{worker.name}_{spec.version}", seconds)
 
         pool = WorkerPool(command_for, pool_settings, loaded)
         batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size, model_metrics)
