@@ -30,6 +30,7 @@ from servekit.errors import (
     ServekitError,
 )
 from servekit.metrics import Metrics, ModelMetrics, ModelState
+from servekit.oip import TensorSpec, specs_from_config
 from servekit.pool import PoolSettings, WorkerPool, WorkerProcess
 from servekit.protocol import LoadCommand, Request, Response
 
@@ -114,6 +115,8 @@ class Model:
     pool: WorkerPool
     batcher: Batcher[WorkerProcess]
     metrics: ModelMetrics
+    inputs: tuple[TensorSpec, ...] = ()  # Open Inference Protocol metadata, from the model config
+    outputs: tuple[TensorSpec, ...] = ()
     loaded_at_startup: bool = False
     downloaded: Path | None = None  # an archive fetched from a URL, removed with the model
     registered_at: float = field(default_factory=time.time)
@@ -227,6 +230,10 @@ class ModelRegistry:
         if spec.version in self._models.get(spec.name, {}):
             raise ConflictError(f"Model version {spec.version} is already registered for model {spec.name}")
         model_settings = resolve_settings(spec, self.settings, params)
+        try:
+            inputs, outputs = specs_from_config(spec.config, "inputs"), specs_from_config(spec.config, "outputs")
+        except ValueError as exc:
+            raise BadRequestError(f"model config of {spec.name}: {exc}") from None
         threads = torch_threads(model_settings.max_workers)
 
         def command_for(gpu_id: int | None) -> LoadCommand:
@@ -256,7 +263,9 @@ class ModelRegistry:
 
         pool = WorkerPool(command_for, pool_settings, loaded)
         batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size, model_metrics)
-        model = Model(spec, model_settings, url, pool, batcher, model_metrics, loaded_at_startup, downloaded)
+        model = Model(
+            spec, model_settings, url, pool, batcher, model_metrics, inputs, outputs, loaded_at_startup, downloaded
+        )
         versions = self._models.setdefault(spec.name, {})
         versions[spec.version] = model
         self._defaults.setdefault(spec.name, spec.version)

@@ -22,9 +22,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from servekit import protocol
+from servekit import oip, protocol
 from servekit.errors import error_body
 from servekit.handler import Context, EntryPoint, PredictionException, RequestProcessor, load_handler
+from servekit.tensors import TensorRunner
 
 COMPAT_PATH = str(Path(__file__).parent / "compat")
 
@@ -75,7 +76,8 @@ class Worker:
             command.gpu_id,
             model_yaml_config=command.model_yaml_config,
         )
-        self.entry: EntryPoint = load_handler(command.handler, command.model_dir, self.context)
+        self.entry: EntryPoint = load_handler(command.handler or "base_handler", command.model_dir, self.context)
+        self.tensors = TensorRunner(getattr(self.entry, "__self__", None), self.context)
 
     def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
         """One batch: the answers, the time it took (TorchServe's ``PredictionTime``) and the handler's metrics."""
@@ -89,28 +91,34 @@ class Worker:
         return protocol.BatchResult(outcome, handler_ms, records)
 
     def _answer(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
-        """Decode the inputs, call the handler on the requests whose inputs decode, and answer each request;
-        a request with a malformed JSON body gets 400 without reaching the handler."""
+        """Answer each request: v2 tensor requests through ``tensors``, the rest through the handler. A request
+        with a malformed JSON body gets 400 without reaching the handler."""
         decode = self.command.decode_input_request
+        answers: dict[int, protocol.Response] = {}
         data: list[dict[str, Any]] = []
-        valid: list[protocol.Request] = []
-        rejected: dict[int, protocol.Response] = {}
+        to_handler: list[int] = []
+        to_tensors: list[int] = []
         for i, request in enumerate(requests):
+            if request.fields and request.fields[0].content_type == oip.V2_CONTENT_TYPE:
+                to_tensors.append(i)
+                continue
             try:
                 data.append({f.name: decode_value(f.value, f.content_type, decode) for f in request.fields})
-                valid.append(request)
+                to_handler.append(i)
             except ValueError as exc:
-                rejected[i] = protocol.Response(400, "application/json", error_body(400, "BadRequestError", str(exc)))
-        if not rejected:
-            return self._handle(valid, data)
-        outcome = self._handle(valid, data) if valid else []
-        if isinstance(outcome, protocol.Failure):
-            body = error_body(
-                outcome.status, "HandlerError", protocol.failure_message(self.command.model_name, outcome)
-            )
-            outcome = [protocol.Response(outcome.status, "application/json", body)] * len(valid)
-        answers = iter(outcome)
-        return [rejected[i] if i in rejected else next(answers) for i in range(len(requests))]
+                answers[i] = protocol.Response(400, "application/json", error_body(400, "BadRequestError", str(exc)))
+        if to_handler:
+            outcome = self._handle([requests[i] for i in to_handler], data)
+            if isinstance(outcome, protocol.Failure):
+                if len(to_handler) == len(requests):
+                    return outcome  # the whole batch failed in the handler
+                message = protocol.failure_message(self.command.model_name, outcome)
+                body = error_body(outcome.status, "HandlerError", message)
+                outcome = [protocol.Response(outcome.status, "application/json", body)] * len(to_handler)
+            answers.update(zip(to_handler, outcome, strict=True))
+        if to_tensors:
+            answers.update(zip(to_tensors, self.tensors.answer([requests[i] for i in to_tensors]), strict=True))
+        return [answers[i] for i in range(len(requests))]
 
     def _handle(
         self, requests: list[protocol.Request], data: list[dict[str, Any]]

@@ -1,0 +1,177 @@
+"""The Open Inference Protocol (KServe v2) and KServe v1 on the inference port.
+
+v2: ``/v2``, ``/v2/health/live|ready``, ``/v2/models/{m}[/versions/{v}]`` (metadata), ``.../ready`` and
+``.../infer`` with tensors as JSON or in the binary tensor extension. Requests are parsed and validated against the
+model's metadata (the model config's ``inputs`` and ``outputs``) before they are queued, then go through the same
+batcher as ``/predictions``; the worker batches them along the first dimension. Errors are ``{"error": "..."}``.
+
+v1: ``/v1/models``, ``/v1/models/{m}``, ``POST /v1/models/{m}:predict`` with ``{"instances": [...]}`` in and
+``{"predictions": [...]}`` out (the instances are the model's first input, batched along the first dimension).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from servekit.api.dispatch import read_body, run_request
+from servekit.errors import BadRequestError, ServekitError
+from servekit.handler import SERVER_VERSION
+from servekit.oip import HEADER_LENGTH, V2_CONTENT_TYPE, InferRequest, parse_request, to_worker, validate
+from servekit.protocol import Field
+from servekit.registry import Model, ModelRegistry
+
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def v2_error(exc: ServekitError, headers: dict[str, str]) -> Response:
+    return JSONResponse({"error": exc.message}, exc.status_code, headers)
+
+
+def header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise BadRequestError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "versions": versions,
+        "platform": "pytorch_torchscript" if not model.spec.manifest["model"].get("modelFile") else "pytorch",
+        "inputs": [spec.to_json() for spec in model.inputs],
+        "outputs": [spec.to_json() for spec in model.outputs],
+    }
+
+
+def instances_request(model: Model, body: bytes) -> InferRequest:
+    """A KServe v1 ``{"instances": [...]}`` body as a v2 request on the model's first input."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequestError(f"Invalid JSON: {str(exc)[:200]}") from None
+    instances = document.get("instances") if isinstance(document, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise BadRequestError("The request needs a non-empty 'instances' list")
+    shape: list[int] = []
+    level: Any = instances
+    while isinstance(level, list):
+        shape.append(len(level))
+        level = level[0] if level else None
+    spec = model.inputs[0] if model.inputs else None
+    datatype = spec.datatype if spec else "FP32"
+    v2_body = {"inputs": [{"name": spec.name if spec else "INPUT__0", "datatype": datatype, "shape": shape,
+                           "data": instances}]}  # fmt: skip
+    return parse_request(json.dumps(v2_body).encode(), None)
+
+
+def create_v2_router(registry: ModelRegistry) -> APIRouter:
+    router = APIRouter()
+    limit = registry.settings.max_request_size
+
+    def lookup(name: str, version: str | None) -> Model:
+        return registry.get(name, version)
+
+    @router.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        return JSONResponse({"name": "servekit", "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+    @router.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @router.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        healthy = registry.healthy()
+        return JSONResponse({"ready": healthy}, 200 if healthy else 400)
+
+    @router.get("/v2/models/{name}")
+    async def model_metadata_default(name: str) -> Response:
+        return await model_metadata(name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None) -> Response:
+        try:
+            model = lookup(name, version)
+            versions = [m.version for m in registry.versions(name)]
+        except ServekitError as exc:
+            return v2_error(exc, {})
+        return JSONResponse(metadata(model, versions))
+
+    @router.get("/v2/models/{name}/ready")
+    async def model_ready_default(name: str) -> Response:
+        return await model_ready(name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None) -> Response:
+        try:
+            model = lookup(name, version)
+        except ServekitError as exc:
+            return v2_error(exc, {})
+        is_ready = model.pool.ready > 0
+        return JSONResponse({"name": model.name, "ready": is_ready}, 200 if is_ready else 400)
+
+    @router.post("/v2/models/{name}/infer")
+    async def infer_default(name: str, request: Request) -> Response:
+        return await infer(name, None, request)
+
+    @router.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, version: str | None, request: Request) -> Response:
+        try:
+            model = lookup(name, version)
+        except ServekitError as exc:
+            return v2_error(exc, {})
+
+        async def read() -> tuple[tuple[Field, ...], float | None]:
+            parsed = parse_request(await read_body(request, limit), header_length(request))
+            validate(parsed, model.inputs, model.outputs)
+            return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), parsed.timeout_s
+
+        return await run_request(model, request, read, version or "default", v2_error)
+
+    @router.get("/v1/models")
+    async def v1_models() -> JSONResponse:
+        return JSONResponse({"models": [m.name for m in registry.defaults()]})
+
+    @router.get("/v1/models/{name}")
+    async def v1_model(name: str) -> Response:
+        try:
+            model = lookup(name, None)
+        except ServekitError as exc:
+            return v2_error(exc, {})
+        return JSONResponse({"name": model.name, "ready": model.pool.ready > 0})
+
+    @router.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> Response:
+        try:
+            model = lookup(name, None)
+        except ServekitError as exc:
+            return v2_error(exc, {})
+
+        async def read() -> tuple[tuple[Field, ...], float | None]:
+            parsed = instances_request(model, await read_body(request, limit))
+            validate(parsed, model.inputs, model.outputs)
+            return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), None
+
+        response = await run_request(model, request, read, "default", v2_error)
+        if response.status_code != 200:
+            return response
+        return JSONResponse({"predictions": predictions(json.loads(bytes(response.body)))}, headers={
+            "x-request-id": response.headers["x-request-id"]})  # fmt: skip
+
+    return router
+
+
+def predictions(v2_response: dict[str, Any]) -> list[Any]:
+    """The first output of a v2 JSON response, nested by its shape (one item per instance)."""
+    output = v2_response["outputs"][0]
+    data, shape = output["data"], output["shape"]
+    for size in reversed(shape[1:]):
+        data = [data[i : i + size] for i in range(0, len(data), size)]
+    return list(data)

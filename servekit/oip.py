@@ -1,0 +1,331 @@
+"""The Open Inference Protocol (KServe v2) codec: tensors as JSON or in the binary tensor extension.
+
+The front end parses and validates a request (``parse_request``, ``validate``) before anything is queued, and hands
+the worker one self-describing blob (``to_worker``): a JSON header and the raw little-endian tensor bytes, so
+binary payloads are never re-encoded as JSON. The worker turns that into torch tensors (``from_worker``) and
+writes the HTTP response body itself (``encode_response``). Standard library only; torch is imported inside the
+worker-side functions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from servekit.errors import BadRequestError
+
+V2_CONTENT_TYPE = "application/x-servekit-v2"  # how a v2 request travels to the worker (field "v2")
+HEADER_LENGTH = "inference-header-content-length"
+MAX_ELEMENTS = 2**40
+
+# datatype -> (struct code for JSON data, bytes per element); BYTES is length-prefixed, BF16 packed by hand
+DATATYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("?", 1),
+    "UINT8": ("B", 1),
+    "UINT16": ("H", 2),
+    "UINT32": ("I", 4),
+    "UINT64": ("Q", 8),
+    "INT8": ("b", 1),
+    "INT16": ("h", 2),
+    "INT32": ("i", 4),
+    "INT64": ("q", 8),
+    "FP16": ("e", 2),
+    "FP32": ("f", 4),
+    "FP64": ("d", 8),
+    "BF16": ("", 2),
+    "BYTES": ("", 0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """An input or output the model declares; ``-1`` marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def specs_from_config(config: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    """``inputs``/``outputs`` of a model-config YAML: ``[{name, datatype, shape}]``; ``ValueError`` if malformed."""
+    specs = []
+    for item in config.get(key) or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"{key}: each entry needs a name")
+        datatype = str(item.get("datatype", "FP32")).upper()
+        shape = item.get("shape", [-1])
+        if (
+            datatype not in DATATYPES
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= -1 for d in shape)
+        ):
+            raise ValueError(f"{key}: {item['name']} needs a known datatype and a shape of integers >= -1")
+        specs.append(TensorSpec(item["name"], datatype, tuple(shape)))
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes  # little-endian, row-major; BYTES elements are 4-byte length + bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    id: str | None
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[tuple[str, bool | None], ...]  # requested outputs, each with its binary_data flag if given
+    binary_output: bool  # the request's binary_data_output
+    timeout_s: float | None  # the reserved "timeout" parameter (microseconds) as a deadline
+
+
+def _elements(name: str, shape: Sequence[Any]) -> int:
+    count = 1
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise BadRequestError(f"input {name}: shape must be non-negative integers, got {list(shape)}")
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise BadRequestError(f"input {name}: shape {list(shape)} has too many elements")
+    return count
+
+
+def _flatten(data: Any) -> list[Any]:
+    flat: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _pack(name: str, datatype: str, values: list[Any]) -> bytes:
+    """JSON values as the binary layout of ``datatype``."""
+    try:
+        if datatype == "BYTES":
+            parts = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
+            return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+        if datatype == "BF16":
+            return b"".join(struct.pack("<f", float(v))[2:] for v in values)
+        code = DATATYPES[datatype][0]
+        if code not in "efd?" and any(isinstance(v, float | bool) for v in values):
+            raise TypeError("integers expected")
+        return struct.pack(f"<{len(values)}{code}", *values)
+    except (struct.error, TypeError, ValueError, OverflowError) as exc:
+        raise BadRequestError(f"input {name}: data does not fit datatype {datatype} ({exc})") from None
+
+
+def _check_bytes_layout(name: str, data: bytes | memoryview, count: int) -> None:
+    offset = 0
+    for _ in range(count):
+        if offset + 4 > len(data):
+            raise BadRequestError(f"input {name}: BYTES data ends inside an element length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4 + length
+    if offset != len(data):
+        raise BadRequestError(f"input {name}: BYTES data has {len(data)} bytes, its {count} elements use {offset}")
+
+
+def parse_request(body: bytes, header_length: int | None) -> InferRequest:
+    """A v2 inference request (JSON, or JSON + binary tensors); ``BadRequestError`` naming what is wrong."""
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise BadRequestError(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
+    split = len(body) if header_length is None else header_length
+    try:
+        header = json.loads(body[:split])
+    except (ValueError, RecursionError) as exc:
+        raise BadRequestError(f"Invalid JSON in inference request: {str(exc)[:200]}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
+        raise BadRequestError("The inference request needs a non-empty 'inputs' list")
+    binary = memoryview(body)[split:]
+    offset = 0
+    inputs = []
+    for item in header["inputs"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequestError("Each input needs a 'name'")
+        name, datatype, shape = item["name"], item.get("datatype"), item.get("shape")
+        if datatype not in DATATYPES:
+            raise BadRequestError(f"input {name}: unknown datatype {datatype!r}")
+        if not isinstance(shape, list):
+            raise BadRequestError(f"input {name}: 'shape' must be a list")
+        count = _elements(name, shape)
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequestError(f"input {name}: 'parameters' must be an object")
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequestError(f"input {name}: binary_data_size {size!r} runs past the end of the body")
+            data = bytes(binary[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            values = _flatten(item["data"])
+            if len(values) != count:
+                raise BadRequestError(f"input {name}: shape {shape} needs {count} elements, got {len(values)}")
+            data = _pack(name, datatype, values)
+        else:
+            raise BadRequestError(f"input {name}: needs 'data' or a binary_data_size parameter")
+        if datatype == "BYTES":
+            _check_bytes_layout(name, data, count)
+        elif len(data) != count * DATATYPES[datatype][1]:
+            needed = count * DATATYPES[datatype][1]
+            raise BadRequestError(f"input {name}: shape {shape} of {datatype} needs {needed} bytes, got {len(data)}")
+        inputs.append(Tensor(name, datatype, tuple(shape), data))
+    if offset != len(binary):
+        raise BadRequestError(f"The body has {len(binary) - offset} bytes of binary data that no input claims")
+    outputs = []
+    for item in header.get("outputs") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequestError("Each requested output needs a 'name'")
+        flag = (item.get("parameters") or {}).get("binary_data")
+        outputs.append((item["name"], None if flag is None else bool(flag)))
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequestError("'parameters' must be an object")
+    timeout = params.get("timeout")
+    timeout_s = timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None
+    request_id = header.get("id")
+    return InferRequest(
+        None if request_id is None else str(request_id),
+        tuple(inputs),
+        tuple(outputs),
+        bool(params.get("binary_data_output", False)),
+        timeout_s,
+    )
+
+
+def validate(request: InferRequest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+    """Check names, datatypes and shapes against the model's metadata (nothing to check if it declares none)."""
+    if inputs:
+        expected = {spec.name: spec for spec in inputs}
+        given = {tensor.name for tensor in request.inputs}
+        if missing := sorted(set(expected) - given):
+            raise BadRequestError(f"missing input(s) {missing}; the model expects {sorted(expected)}")
+        for tensor in request.inputs:
+            spec = expected.get(tensor.name)
+            if spec is None:
+                raise BadRequestError(f"unexpected input {tensor.name}; the model expects {sorted(expected)}")
+            if tensor.datatype != spec.datatype:
+                raise BadRequestError(f"input {tensor.name}: expected datatype {spec.datatype}, got {tensor.datatype}")
+            if len(tensor.shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, tensor.shape, strict=True)
+            ):
+                raise BadRequestError(
+                    f"input {tensor.name}: expected shape {list(spec.shape)}, got {list(tensor.shape)}"
+                )
+    if outputs:
+        names = {spec.name for spec in outputs}
+        for name, _ in request.outputs:
+            if name not in names:
+                raise BadRequestError(f"unknown output {name}; the model has {sorted(names)}")
+
+
+def to_worker(request: InferRequest, model_name: str, model_version: str) -> bytes:
+    """The request as the worker receives it: ``>I`` header length, JSON header, tensor bytes."""
+    header = {
+        "id": request.id,
+        "model_name": model_name,
+        "model_version": model_version,
+        "inputs": [[t.name, t.datatype, list(t.shape), len(t.data)] for t in request.inputs],
+        "outputs": [list(o) for o in request.outputs],
+        "binary_output": request.binary_output,
+    }
+    head = json.dumps(header).encode()
+    return b"".join([struct.pack(">I", len(head)), head, *(t.data for t in request.inputs)])
+
+
+# ---- worker side ---------------------------------------------------------------------------------------------------
+
+
+def _torch_types() -> dict[str, Any]:
+    import torch
+
+    return {
+        "BOOL": torch.bool, "UINT8": torch.uint8, "UINT16": torch.uint16, "UINT32": torch.uint32,
+        "UINT64": torch.uint64, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32, "INT64": torch.int64,
+        "FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64, "BF16": torch.bfloat16,
+    }  # fmt: skip
+
+
+def _unpack_bytes(data: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<I", data, offset)
+        items.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return items
+
+
+def from_worker_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The worker's view of a v2 request: its header, and its inputs by name as tensors (BYTES: lists of bytes)."""
+    import torch
+
+    (head_len,) = struct.unpack_from(">I", payload)
+    header = json.loads(payload[4 : 4 + head_len])
+    types = _torch_types()
+    offset = 4 + head_len
+    inputs: dict[str, Any] = {}
+    for name, datatype, shape, size in header["inputs"]:
+        data = payload[offset : offset + size]
+        offset += size
+        if datatype == "BYTES":
+            inputs[name] = _unpack_bytes(data)
+        elif math.prod(shape) == 0:
+            inputs[name] = torch.empty(shape, dtype=types[datatype])
+        else:
+            inputs[name] = torch.frombuffer(bytearray(data), dtype=types[datatype]).reshape(shape)
+    return header, inputs
+
+
+def _raw_bytes(tensor: Any) -> bytes:
+    tensor = tensor.detach().cpu().contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def encode_response(header: dict[str, Any], outputs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The HTTP body and headers of a v2 response: JSON, or JSON + binary for outputs that ask for it."""
+    names = {v: k for k, v in _torch_types().items()}
+    requested = header["outputs"] or [[name, None] for name in outputs]
+    entries, blobs = [], []
+    for name, flag in requested:
+        value = outputs[name]
+        binary = header["binary_output"] if flag is None else flag
+        if isinstance(value, list):  # BYTES
+            items = [v.encode() if isinstance(v, str) else bytes(v) for v in value]
+            entry: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": [len(items)]}
+            raw = b"".join(struct.pack("<I", len(i)) + i for i in items)
+            json_data: Any = [i.decode(errors="replace") for i in items]
+        else:
+            entry = {"name": name, "datatype": names[value.dtype], "shape": list(value.shape)}
+            binary = binary or names[value.dtype] == "BF16"  # BF16 has no JSON form
+            raw = _raw_bytes(value) if binary else b""
+            json_data = value.reshape(-1).tolist() if not binary else None
+        if binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = json_data
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": header["model_name"], "model_version": header["model_version"]}
+    if header.get("id") is not None:
+        body["id"] = header["id"]
+    body["outputs"] = entries
+    head = json.dumps(body).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return b"".join([head, *blobs]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

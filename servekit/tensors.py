@@ -1,0 +1,102 @@
+"""The worker's tensor path: v2 (Open Inference Protocol) requests run as tensors, batched along dimension 0.
+
+Requests whose inputs have the same names, datatypes and trailing dimensions are concatenated along the first
+dimension, run through the model once, and the outputs are split back per request. The model is called as
+``handler.infer_tensors(inputs, context)`` if the handler defines it (inputs and result: dicts of tensors by name),
+else as ``handler.model(*inputs)`` in the order of the model config's ``inputs`` (a single tensor or a tuple of
+tensors comes back, named by the config's ``outputs``, else ``OUTPUT__0``, ``OUTPUT__1``, ...).
+
+Runs in the worker process; never imports asyncio or fastapi.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from servekit import oip, protocol
+from servekit.handler import Context
+
+logger = logging.getLogger("servekit.tensors")
+
+
+def v2_error(status: int, message: str) -> protocol.Response:
+    return protocol.Response(status, "application/json", json.dumps({"error": message}).encode())
+
+
+class TensorRunner:
+    def __init__(self, handler: Any, context: Context) -> None:
+        self.handler = handler
+        self.context = context
+        config = context.model_yaml_config
+        self.input_names = [spec.name for spec in oip.specs_from_config(config, "inputs")]
+        self.output_names = [spec.name for spec in oip.specs_from_config(config, "outputs")]
+
+    def answer(self, requests: list[protocol.Request]) -> list[protocol.Response]:
+        decoded = [oip.from_worker_payload(r.fields[0].value) for r in requests]
+        groups: dict[Any, list[int]] = {}
+        for i, (_, inputs) in enumerate(decoded):
+            groups.setdefault(self._signature(inputs, i), []).append(i)
+        answers: dict[int, protocol.Response] = {}
+        for members in groups.values():
+            for i, response in zip(members, self._run_group([decoded[i] for i in members]), strict=True):
+                answers[i] = response
+        return [answers[i] for i in range(len(requests))]
+
+    @staticmethod
+    def _signature(inputs: dict[str, Any], index: int) -> Any:
+        """Requests with the same signature can be concatenated along dimension 0."""
+        if any(isinstance(v, list) or v.dim() == 0 for v in inputs.values()):
+            return ("alone", index)
+        return tuple(sorted((name, str(v.dtype), tuple(v.shape[1:])) for name, v in inputs.items()))
+
+    def _run_group(self, group: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[protocol.Response]:
+        import torch
+
+        try:
+            if len(group) == 1:
+                results = [self._call(group[0][1])]
+            else:
+                names = list(group[0][1])
+                merged = {name: torch.cat([inputs[name] for _, inputs in group]) for name in names}
+                sizes = [inputs[names[0]].shape[0] for _, inputs in group]
+                outputs = self._call(merged)
+                parts = {name: torch.split(value, sizes) for name, value in outputs.items()}
+                results = [{name: parts[name][i] for name in outputs} for i in range(len(group))]
+        except (NotImplementedError, KeyError, TypeError, ValueError) as exc:
+            return [v2_error(400, f"model {self.context.model_name}: {type(exc).__name__}: {exc}")] * len(group)
+        except Exception as exc:
+            logger.exception("tensor inference failed")
+            return [v2_error(500, f"model {self.context.model_name}: {type(exc).__name__}: {exc}")] * len(group)
+        responses = []
+        for (header, _), outputs in zip(group, results, strict=True):
+            unknown = [name for name, _ in header["outputs"] if name not in outputs]
+            if unknown:
+                responses.append(v2_error(400, f"unknown output(s) {unknown}; the model returns {sorted(outputs)}"))
+                continue
+            body, headers = oip.encode_response(header, outputs)
+            content_type = headers.pop("content-type")
+            responses.append(protocol.Response(200, content_type, body, headers))
+        return responses
+
+    def _call(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        custom = getattr(self.handler, "infer_tensors", None)
+        if callable(custom):
+            result = custom(inputs, self.context)
+        else:
+            model = getattr(self.handler, "model", None)
+            if model is None:
+                raise NotImplementedError("the handler has no model for tensor requests; define infer_tensors()")
+            order = self.input_names or list(inputs)
+            with torch.inference_mode():
+                result = model(*[inputs[name] for name in order])
+        if isinstance(result, dict):
+            return result
+        values = list(result) if isinstance(result, tuple | list) else [result]
+        names = self.output_names or [f"OUTPUT__{i}" for i in range(len(values))]
+        if len(names) != len(values):
+            raise ValueError(f"the model returned {len(values)} outputs, the config names {len(names)}")
+        return dict(zip(names, values, strict=True))
