@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import ml_dtypes
@@ -262,3 +263,31 @@ def test_v2_asyncio_client_path(server: Server) -> None:
             return response.status_code
 
     assert asyncio.run(main()) == 200
+
+
+def test_v2_repository_extension_on_the_management_port(server: Server, tmp_path: Path) -> None:
+    store = server.workdir.parent / "store"
+    denied = triton.InferenceServerClient(url=server.management.removeprefix("http://"))
+    with pytest.raises(InferenceServerException) as info:
+        denied.unload_model("mlp")
+    assert info.value.status() == "405"
+    denied.close()
+    args = ("--disable-token-auth", "--ncs", "--enable-model-api")
+    with running_server(tmp_path / "run", store, models=("mlp=mlp.mar",), args=args) as srv:
+        repo = triton.InferenceServerClient(url=srv.management.removeprefix("http://"))
+        infer = triton.InferenceServerClient(url=srv.inference.removeprefix("http://"))
+        try:
+            index = {entry["name"]: entry for entry in repo.get_model_repository_index()}
+            assert index["mlp"]["state"] == "READY" and index["multi"]["state"] == "UNAVAILABLE"
+            repo.unload_model("mlp")
+            assert not infer.is_model_ready("mlp")
+            repo.load_model("multi")
+            assert infer.is_model_ready("multi")
+            repo.load_model("mlp")
+            x = np.zeros((1, 16), dtype=np.float32)
+            np.testing.assert_allclose(infer.infer("mlp", [mlp_input(x, True)]).as_numpy("y"), expected(x), atol=1e-5)
+            with pytest.raises(InferenceServerException, match="not in the model store"):
+                repo.load_model("missing")
+        finally:
+            repo.close()
+            infer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -15,9 +16,9 @@ from starlette.responses import JSONResponse
 
 from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.errors import install_error_handlers
-from servekit.archive import ModelSpec, open_archive
+from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
 from servekit.download import download, is_remote
-from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError
+from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError, ServekitError
 from servekit.registry import Model, ModelRegistry
 
 PROCESSING = {"status": "Processing worker updates..."}
@@ -268,5 +269,54 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         require_model_api()
         model = await registry.unregister(name, version)
         return JSONResponse({"status": f'Model "{model.name}" unregistered'})
+
+    # The Open Inference Protocol's model repository extension, under the same auth and enable switch.
+    def store_entries() -> dict[str, str]:
+        """Model names of the model store's archives and folders, with the store entry holding each."""
+        store = settings.model_store
+        if store is None or not store.is_dir():
+            return {}
+        entries = sorted(p for p in store.iterdir() if not p.name.startswith("."))
+        usable = [p for p in entries if p.is_dir() or p.name.endswith(ARCHIVE_SUFFIXES)]
+        return {re.sub(r"(\.mar|\.model|\.tar\.gz|\.tgz|\.zip)$", "", p.name): p.name for p in usable}
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> JSONResponse:
+        loaded = {m.name: m for m in registry.defaults()}
+        index = [{"name": n, "version": m.version, "state": "READY" if m.pool.ready else "UNAVAILABLE", "reason": ""}
+                 for n, m in loaded.items()]  # fmt: skip
+        index += [{"name": n, "state": "UNAVAILABLE", "reason": "unloaded"} for n in store_entries() if n not in loaded]
+        return JSONResponse(sorted(index, key=lambda entry: str(entry["name"])))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str) -> JSONResponse:
+        try:
+            require_model_api()
+            if any(m.name == name for m in registry.defaults()):
+                return JSONResponse({})  # already loaded
+            entry = store_entries().get(name)
+            if entry is None:
+                raise ArchiveNotFoundError(f"Model {name} is not in the model store")
+            spec, url, downloaded = await load_spec({"url": entry, "model_name": name})
+            try:
+                await registry.register(spec, url, {}, downloaded=downloaded)
+            except BaseException:
+                spec.remove_staging()
+                raise
+        except ServekitError as exc:
+            return JSONResponse({"error": exc.message}, exc.status_code)
+        return JSONResponse({})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str) -> JSONResponse:
+        try:
+            require_model_api()
+            versions = registry.versions(name)
+            default = registry.default_version(name)
+            for model in sorted(versions, key=lambda m: m.version == default):  # the default version goes last
+                await registry.unregister(name, model.version)
+        except ServekitError as exc:
+            return JSONResponse({"error": exc.message}, exc.status_code)
+        return JSONResponse({})
 
     return app
