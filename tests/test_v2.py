@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from servekit import archiver
-from tests.helpers import Server, build_mlp, make_archive, running_server, write
+from tests.helpers import MLP_PY, Server, build_mlp, make_archive, running_server, write
 
 MLP_CONFIG = """
 batchSize: 8
@@ -94,6 +94,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     archiver.main(["--model-name", "mlp", "--version", "1.0", "--serialized-file", str(work / "mlp.pt"),
                    "--handler", "base_handler", "--config-file", str(work / "model-config.yaml"),
                    "--export-path", str(store)])  # fmt: skip
+    eager = work / "eager"
+    write(eager / "model.py", MLP_PY)
+    torch.save(build_mlp().state_dict(), eager / "weights.pt")
+    archiver.main(["--model-name", "mlp_eager", "--version", "1.0", "--model-file", str(eager / "model.py"),
+                   "--serialized-file", str(eager / "weights.pt"), "--handler", "base_handler",
+                   "--config-file", str(work / "model-config.yaml"), "--export-path", str(store)])  # fmt: skip
     make_archive(store, "multi", MULTI_HANDLER, work=work, config=MULTI_CONFIG)
     make_archive(store, "slowdouble", SLOW_DOUBLE_HANDLER, work=work, config=SLOW_DOUBLE_CONFIG)
     with running_server(root / "run", store) as srv:
@@ -129,11 +135,12 @@ def test_v2_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
 
 
+@pytest.mark.parametrize("model", ["mlp", "mlp_eager"])
 @pytest.mark.parametrize("binary", [False, True])
-def test_v2_infer_fp32_json_and_binary(client: triton.InferenceServerClient, binary: bool) -> None:
+def test_v2_infer_fp32_json_and_binary(client: triton.InferenceServerClient, binary: bool, model: str) -> None:
     x = np.random.default_rng(0).standard_normal((3, 16), dtype=np.float32)
     outputs = [triton.InferRequestedOutput("y", binary_data=binary)]
-    result = client.infer("mlp", [mlp_input(x, binary)], outputs=outputs, request_id="req-7")
+    result = client.infer(model, [mlp_input(x, binary)], outputs=outputs, request_id="req-7")
     assert result.get_response()["id"] == "req-7"
     np.testing.assert_allclose(result.as_numpy("y"), expected(x), atol=1e-5)
 
@@ -240,7 +247,7 @@ def test_v2_reserved_parameters_are_accepted(server: Server) -> None:
 
 
 def test_v1_predict_instances(server: Server) -> None:
-    assert httpx.get(server.inference + "/v1/models").json()["models"] == ["mlp", "multi", "slowdouble"]
+    assert httpx.get(server.inference + "/v1/models").json()["models"] == ["mlp", "mlp_eager", "multi", "slowdouble"]
     assert httpx.get(server.inference + "/v1/models/mlp").json() == {"name": "mlp", "ready": True}
     x = np.random.default_rng(2).standard_normal((2, 16), dtype=np.float32)
     response = server.post("/v1/models/mlp:predict", json={"instances": x.tolist()})
