@@ -269,6 +269,7 @@ class Metrics:
         r.register(self.sums)
         r.register(HostCollector())
         self._dropped_records = 0
+        self._valid_shapes: set[tuple[str, ...]] = set()  # metric names and label names already checked
 
     def watch(self, source: Callable[[], Iterable[ModelState]]) -> None:
         """Read per-model state (queue depth, workers) from ``source`` at every scrape."""

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from servekit import logs, snapshot
 from servekit.api.access import AccessLog
@@ -30,7 +31,7 @@ from servekit.api.inference import create_inference_app
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
 from servekit.archive import ARCHIVE_SUFFIXES, open_archive
-from servekit.config import Settings
+from servekit.config import Address, Settings
 from servekit.errors import ConfigError, ServekitError
 from servekit.metrics import Metrics
 from servekit.registry import ModelRegistry
@@ -141,7 +142,7 @@ async def serve(settings: Settings) -> int:
         if settings.disable_token_authorization
         else TokenStore(Path("key_file.json"), settings.token_expiration_min)
     )
-    apps = [
+    apps: list[tuple[ASGIApp, Address]] = [
         (create_inference_app(registry, tokens), settings.inference_address),
         (create_management_app(registry, tokens), settings.management_address),
         (create_metrics_app(metrics), settings.metrics_address),
