@@ -55,7 +55,7 @@ class BatchObserver(Protocol):
 
     def queued(self, seconds: float) -> None: ...
 
-    def batch(self, size: int, handler_ms: float, records: Sequence[MetricRecord]) -> None: ...
+    def batch(self, size: int, handler_ms: float, roundtrip_ms: float, records: Sequence[MetricRecord]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -153,12 +153,14 @@ class Batcher(Generic[W]):
         return batch
 
     async def _execute(self, worker: W, batch: list[Pending]) -> None:
+        start = time.perf_counter()
         try:
             result = await self._workers.run(worker, [p.request for p in batch])
         except ServekitError as exc:
             self._fail(batch, exc)
             return
-        self._observer.batch(len(batch), result.handler_ms, result.metrics)
+        roundtrip_ms = (time.perf_counter() - start) * 1000
+        self._observer.batch(len(batch), result.handler_ms, roundtrip_ms, result.metrics)
         outcome = result.outcome
         if isinstance(outcome, Failure):
             self._fail(batch, HandlerError(failure_message(self.model, outcome), outcome.status))

@@ -210,10 +210,11 @@ class ModelMetrics:
         )
         self._metrics.queue_time_gauge.set(seconds * 1000)
 
-    def batch(self, size: int, handler_ms: float, records: Sequence[MetricRecord]) -> None:
-        """One batch came back from a worker, with the handler's own metrics."""
+    def batch(self, size: int, handler_ms: float, roundtrip_ms: float, records: Sequence[MetricRecord]) -> None:
+        """One batch came back from a worker after ``roundtrip_ms``, with the handler's own metrics."""
         self._batch.observe(size)
         self._handler.observe(handler_ms / 1000)
+        self._metrics.worker_thread_time.set(max(0.0, roundtrip_ms - handler_ms))
         for record in records:
             self._metrics.record(self.name, record)
 
@@ -258,6 +259,12 @@ class Metrics:
         host = ["Level", "Hostname"]
         self.queue_time_gauge = Gauge(
             "QueueTime", "Torchserve prometheus gauge metric with unit: Milliseconds", host, registry=r
+        ).labels("Host", HOST)
+        self.worker_thread_time = Gauge(
+            "WorkerThreadTime",
+            "Torchserve prometheus gauge metric with unit: Milliseconds (batch round trip minus handler time)",
+            host,
+            registry=r,
         ).labels("Host", HOST)
         self.worker_load_time = Gauge(
             "WorkerLoadTime",

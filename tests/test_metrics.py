@@ -121,7 +121,8 @@ def test_metrics_torchserve_http_and_host_metrics(server: Server, traffic: dict[
     assert value(s, "Requests2XX", Level="Host") >= 11
     assert value(s, "Requests4XX", Level="Host") >= 1002  # 2 bad inputs and 1000 unknown models
     assert value(s, "Requests5XX", Level="Host") >= 4  # 3 handler errors and the timeout
-    for gauge in ("CPUUtilization", "MemoryUsed", "MemoryUtilization", "DiskUsage", "DiskAvailable", "QueueTime"):
+    gauges = ("CPUUtilization", "MemoryUsed", "MemoryUtilization", "DiskUsage", "DiskAvailable", "QueueTime")
+    for gauge in (*gauges, "WorkerThreadTime"):
         assert value(s, gauge, Level="Host") >= 0
     load = [ls for (n, ls), _ in s.items() if n == "WorkerLoadTime"]
     assert load and dict(load[0])["WorkerName"].endswith("-m_1.0")
