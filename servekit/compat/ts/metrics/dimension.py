@@ -1,5 +1,5 @@
 """``ts.metrics.dimension`` for handlers written for TorchServe."""
 
-from servekit.handler import Dimension
+from servekit.handler_metrics import Dimension
 
 __all__ = ["Dimension"]

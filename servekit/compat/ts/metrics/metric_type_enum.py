@@ -1,5 +1,5 @@
 """``ts.metrics.metric_type_enum`` for handlers written for TorchServe."""
 
-from servekit.handler import MetricTypes
+from servekit.handler_metrics import MetricTypes
 
 __all__ = ["MetricTypes"]
