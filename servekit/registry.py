@@ -31,7 +31,8 @@ from servekit.errors import (
 )
 from servekit.metrics import Metrics, ModelMetrics, ModelState
 from servekit.oip import TensorSpec, specs_from_config
-from servekit.pool import PoolSettings, WorkerPool, WorkerProcess
+from servekit.pool import WorkerPool
+from servekit.process import PoolSettings, WorkerProcess
 from servekit.protocol import LoadCommand, Request, Response
 
 logger = logging.getLogger("servekit.registry")

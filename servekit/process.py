@@ -1,0 +1,229 @@
+"""WorkerProcess: one spawned worker and the socket pair to it, from the front end's side.
+
+The process is ``python -m servekit.worker --fd N``; it loads the model when sent a ``LoadCommand`` and runs one
+batch per frame. Every frame from it is checked (``protocol.decode``) and bounded in size; a malformed or
+oversized frame, an early exit or a missed ``response_timeout`` make it dead, and the error says why. Its stdout and
+stderr go to the server log under its name; a watcher notices when it exits on its own.
+
+Runs in the front-end process (asyncio); never imports the handler or torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from servekit import protocol
+from servekit.errors import HandlerError, ProtocolError, ResponseTimeoutError, WorkerDiedError
+
+logger = logging.getLogger("servekit.process")
+
+FRAME_OVERHEAD = 1 << 20  # headers and JSON around the payloads of one response frame
+_ids = itertools.count(9000)  # worker ids as TorchServe numbers them
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    response_timeout: float
+    startup_timeout: float
+    max_response_size: int
+    gpu_ids: tuple[int, ...] = ()  # round-robin over these; empty = CPU
+
+
+class WorkerProcess:
+    """One spawned worker and the socket to it."""
+
+    def __init__(
+        self,
+        command: protocol.LoadCommand,
+        settings: PoolSettings,
+        on_exit: Callable[[WorkerProcess], None] = lambda worker: None,
+    ) -> None:
+        self.id = str(next(_ids))
+        self._on_exit = on_exit
+        self._watcher: asyncio.Task[None] | None = None
+        self._output: asyncio.Task[None] | None = None
+        self.command = command
+        self.settings = settings
+        self.start_time = time.time()
+        self.status = "STARTING"
+        self.retiring = False
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def gpu_id(self) -> int | None:
+        return self.command.gpu_id
+
+    def memory_usage(self) -> int:
+        """Resident set size in bytes (0 once the process is gone)."""
+        try:
+            pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+    async def start(self) -> None:
+        """Spawn the process and load the model; raises ``HandlerError`` if the load fails."""
+        parent, child = socket.socketpair()
+        threads = str(self.command.torch_threads)  # torch reads these at import: no oversubscribed cores
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "servekit.worker",
+                "--fd",
+                str(child.fileno()),
+                "--parent",
+                str(os.getpid()),
+                pass_fds=(child.fileno(),),
+                cwd=self.command.model_dir,
+                env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        assert self.process.stdout is not None
+        self._output = asyncio.get_running_loop().create_task(self._relay_output(self.process.stdout))
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
+        try:
+            await self._send(protocol.encode_load(self.command))
+            header, _ = await asyncio.wait_for(self._receive(1), self.settings.startup_timeout)
+        except TimeoutError:
+            await self.kill()
+            raise HandlerError(
+                f"Worker for model {self.command.model_name} did not load within "
+                f"startup_timeout={self.settings.startup_timeout:g}s"
+            ) from None
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError):
+            code = await self.kill()
+            raise HandlerError(
+                f"Worker for model {self.command.model_name} exited while loading ({describe_exit(code)})"
+            ) from None
+        if header.get("op") == "failure":
+            failure = protocol.decode_failure(header)
+            await self.kill()
+            raise HandlerError(f"Failed to load model {self.command.model_name}: {failure.kind}: {failure.message}")
+        self.status = "READY"
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    @property
+    def name(self) -> str:
+        return f"W-{self.id}-{self.command.model_name}"
+
+    async def _relay_output(self, stream: asyncio.StreamReader) -> None:
+        """The worker's stdout and stderr (handler prints, tracebacks) into the server log, line by line."""
+        worker_log = logging.getLogger("servekit.worker")
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the stream's limit: pass on what is buffered
+                line = await stream.read(2**16)
+            if not line:
+                return
+            worker_log.info("[%s] %s", self.name, line.decode(errors="replace").rstrip(), extra={"worker": self.name})
+
+    async def _watch(self) -> None:
+        """Notice a worker that exits on its own (crash, OOM kill) even while it is idle."""
+        assert self.process is not None
+        code = await self.process.wait()
+        if self.status == "READY":
+            self.status = "UNLOADING"
+            if self._writer is not None:
+                self._writer.close()
+            logger.warning("worker %s of %s exited: %s", self.id, self.command.model_name, describe_exit(code))
+            self._on_exit(self)
+
+    async def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
+        """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead."""
+        try:
+            await self._send(protocol.encode_batch(requests))
+            header, parts = await asyncio.wait_for(self._receive(len(requests)), self.settings.response_timeout)
+        except TimeoutError:
+            await self.kill()
+            raise ResponseTimeoutError(
+                f"Model {self.command.model_name} did not answer within "
+                f"response_timeout={self.settings.response_timeout:g}s; its worker was restarted"
+            ) from None
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            code = await self.kill()
+            reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
+            raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
+        try:
+            return protocol.decode_result(header, parts, len(requests))
+        except ProtocolError as exc:
+            await self.kill()
+            raise WorkerDiedError(f"Worker of model {self.command.model_name} sent a bad frame: {exc}") from None
+
+    async def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        assert self._writer is not None
+        self._writer.writelines(buffers)
+        await self._writer.drain()
+
+    async def _receive(self, n_requests: int) -> tuple[dict[str, object], list[memoryview]]:
+        assert self._reader is not None
+        (total,) = protocol.LENGTH.unpack(await self._reader.readexactly(protocol.LENGTH.size))
+        limit = self.settings.max_response_size * n_requests + FRAME_OVERHEAD
+        if total > limit:
+            raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limit}")
+        return protocol.decode(await self._reader.readexactly(total))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the socket (the worker exits), then TERM and KILL if it lingers."""
+        self.status = "UNLOADING"
+        if self._writer is not None:
+            self._writer.close()
+        if self.process is None or self.process.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            await self.kill()
+
+    async def kill(self) -> int | None:
+        """Terminate now and reap; returns the exit code (negative: the signal)."""
+        self.status = "UNLOADING"
+        if self._writer is not None:
+            self._writer.close()
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 2.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        return self.process.returncode
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no process"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
