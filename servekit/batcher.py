@@ -20,11 +20,12 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from servekit.errors import (
+    ClientDisconnectedError,
     DeadlineExceededError,
     HandlerError,
     QueueFullError,
@@ -89,9 +90,13 @@ class Batcher(Generic[W]):
         """Requests waiting for a worker."""
         return len(self._queue)
 
-    async def submit(self, request: Request, timeout_s: float | None = None) -> Response:
+    async def submit(
+        self, request: Request, timeout_s: float | None = None, hooks: set[Callable[[], Any]] | None = None
+    ) -> Response:
         """Queue one request and wait for its response; raises the ``ServekitError`` that failed it. With
-        ``timeout_s``, a request still queued after that many seconds fails with ``DeadlineExceededError``."""
+        ``timeout_s``, a request still queued after that many seconds fails with ``DeadlineExceededError``.
+        While it waits, ``hooks`` (the connection's disconnect hooks) hold a callable that drops it: a client
+        that goes away gets ``ClientDisconnectedError`` and its request never reaches a worker."""
         if self._closed:
             raise ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
         reason = self._workers.unavailable()
@@ -104,12 +109,20 @@ class Batcher(Generic[W]):
         self._queue.append(pending)
         self._arrival.set()
         timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
+        cancel = pending.future.cancel
+        if hooks is not None:
+            hooks.add(cancel)
         try:
             return await pending.future
         except asyncio.CancelledError:
             self._drop(pending)  # the caller went away: free the slot now
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # the hook fired, not a cancelled task
+                raise ClientDisconnectedError("The client disconnected before the response was ready") from None
             raise
         finally:
+            if hooks is not None:
+                hooks.discard(cancel)
             if timer is not None:
                 timer.cancel()
 

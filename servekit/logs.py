@@ -1,9 +1,15 @@
-"""Logging setup for the server process: plain text or one JSON object per line (``log_format=json``)."""
+"""Logging setup for the server process: plain text or one JSON object per line (``log_format=json``).
+
+The access log writes a line per request, so lines are written in batches (``BufferedHandler``) and records skip
+the caller lookup; a line reaches stderr within ``FLUSH_S``, warnings and errors at once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -27,8 +33,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+FLUSH_S = 0.1
+MAX_BUFFERED = 512
+
+
+class BufferedHandler(logging.Handler):
+    """Formats each record at once and writes them to stderr in batches: every ``FLUSH_S`` seconds (a daemon
+    thread), when ``MAX_BUFFERED`` lines wait, or at once for a warning or an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: list[str] = []
+        threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._lines) >= MAX_BUFFERED:
+            self._write()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _write(self) -> None:
+        if self._lines:
+            lines, self._lines = self._lines, []
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+
+    def _flush_periodically(self) -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            self.flush()
+
+
 def configure(log_format: str) -> None:
-    handler = logging.StreamHandler()
+    logging._srcfile = None  # no caller lookup per record (the logging HOWTO's "Optimization")
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = BufferedHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

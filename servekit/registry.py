@@ -131,8 +131,10 @@ class Model:
     def version(self) -> str:
         return self.spec.version
 
-    async def infer(self, request: Request, timeout_s: float | None = None) -> Response:
-        return await self.batcher.submit(request, timeout_s)
+    async def infer(
+        self, request: Request, timeout_s: float | None = None, hooks: set[Callable[[], Any]] | None = None
+    ) -> Response:
+        return await self.batcher.submit(request, timeout_s, hooks)
 
 
 class ModelRegistry:

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp
 from servekit import logs, snapshot
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
-from servekit.api.http import protocol_with
+from servekit.api.http import DirectRoute, protocol_with
 from servekit.api.inference import create_inference_app
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
@@ -142,25 +142,31 @@ async def serve(settings: Settings) -> int:
         if settings.disable_token_authorization
         else TokenStore(Path("key_file.json"), settings.token_expiration_min)
     )
-    apps: list[tuple[ASGIApp, Address]] = [
-        (create_inference_app(registry, tokens), settings.inference_address),
-        (create_management_app(registry, tokens), settings.management_address),
-        (create_metrics_app(metrics), settings.metrics_address),
+    inference, predictions = create_inference_app(registry, metrics, tokens)  # counts and logs its responses
+    apps: list[tuple[ASGIApp, Address, DirectRoute | None]] = [
+        (inference, settings.inference_address, predictions),
+        (
+            AccessLog(create_management_app(registry, tokens), metrics, settings.access_log),
+            settings.management_address,
+            None,
+        ),
+        (AccessLog(create_metrics_app(metrics), metrics, settings.access_log), settings.metrics_address, None),
     ]
     servers = [
         _Server(
             uvicorn.Config(
-                AccessLog(app, metrics, settings.access_log),
+                app,
                 host=a.host,
                 port=a.port,
-                http=protocol_with(settings.http_header_timeout, settings.http_body_timeout),
+                http=protocol_with(settings.http_header_timeout, settings.http_body_timeout, direct),
                 lifespan="off",
                 access_log=False,
+                proxy_headers=False,  # the access log names the peer, as TorchServe's does
                 log_level="warning",
                 timeout_graceful_shutdown=int(settings.drain_timeout),
             )
         )
-        for app, a in apps
+        for app, a, direct in apps
     ]
     stop = asyncio.Event()
 

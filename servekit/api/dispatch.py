@@ -1,38 +1,45 @@
 """Reading an inference request and answering it: the path every inference route shares (TorchServe's
-``/predictions``, the Open Inference Protocol, KServe v1).
+``/predictions``, the Open Inference Protocol, KServe v1). It works on the ASGI scope and ``receive`` directly,
+so that ``/predictions`` needs no Starlette request object.
 
 A request may carry ``X-Servekit-Timeout-Ms``: if it is still queued after that many milliseconds it is answered
-504 and never reaches a worker. A request whose client disconnects while it waits is dropped from the queue.
+504 and never reaches a worker. A request whose client disconnects while it waits is dropped from the queue (the
+connection's disconnect hooks, ``servekit.api.http``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
 
-from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
+from servekit.api.http import disconnect_hooks
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import Model
 
-T = TypeVar("T")
 logger = logging.getLogger("servekit.inference")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's, not a handler's
 
 
-def request_timeout(request: Request) -> float | None:
+def header_map(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (the last of repeated ones), as a handler sees them."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def request_timeout(headers: Mapping[str, str]) -> float | None:
     """The client's queueing budget in seconds (``X-Servekit-Timeout-Ms``), or ``None``."""
-    value = request.headers.get(TIMEOUT_HEADER)
+    value = headers.get(TIMEOUT_HEADER)
     if value is None:
         return None
     try:
@@ -44,50 +51,34 @@ def request_timeout(request: Request) -> float | None:
     return timeout_ms / 1000
 
 
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client has gone (or the response is complete)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (a queued request then never runs)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientDisconnectedError("The client disconnected before the response was ready")
-    return task.result()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(int(declared), limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnectedError("The client disconnected while sending the request")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RequestTooLargeError(size, limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_fields(request: Request, limit: int) -> tuple[Field, ...]:
+async def read_fields(scope: Scope, headers: Mapping[str, str], body: bytes) -> tuple[Field, ...]:
     """The request's inputs as TorchServe passes them: form fields by name, or the raw ``body``."""
-    content_type = request.headers.get("content-type")
+    content_type = headers.get("content-type")
     mime = content_type.split(";", 1)[0].strip().lower() if content_type else None
-    body = await read_body(request, limit)
     if mime not in FORM_TYPES:
         return (Field("body", mime, body),)
-    # Starlette parses the form from the body it already holds.
-    request._body = body
+    request = Request(scope)
+    request._body = body  # Starlette parses the form from the body it already holds
     try:
         form = await request.form()
     except Exception as exc:
@@ -111,22 +102,24 @@ def torchserve_error(exc: ServekitError, headers: dict[str, str]) -> Response:
 
 async def run_request(
     model: Model,
-    request: Request,
+    scope: Scope,
+    headers: dict[str, str],
     read: Callable[[], Awaitable[tuple[tuple[Field, ...], float | None]]],
     url_version: str,
     render_error: ErrorRenderer = torchserve_error,
 ) -> Response:
-    """Read a request's inputs (``read``), queue them for ``model``, and answer: the shared path of every inference
-    route. Counts and times it, logs a failure once with its request id, and sends ``x-request-id``."""
+    """Read a request's inputs and queueing budget (``read``), queue them for ``model``, and answer: the shared
+    path of every inference route. Counts and times it, logs a failure once with its request id, and sends
+    ``x-request-id``."""
     request_id = str(uuid.uuid4())
     start = time.perf_counter()
     status = 500
     try:
         fields, timeout_s = await read()
-        headers = dict(request.headers)
-        headers.update(url_path="", explain="False")
-        work = model.infer(WorkerRequest(request_id, headers, fields), timeout_s)
-        result = await unless_disconnected(request, work)
+        worker_headers = {**headers, "url_path": "", "explain": "False"}
+        result = await model.infer(
+            WorkerRequest(request_id, worker_headers, fields), timeout_s, disconnect_hooks(scope)
+        )
         status = result.status
     except ServekitError as exc:
         status = exc.status_code
@@ -136,5 +129,6 @@ async def run_request(
         return render_error(exc, {**exc.headers, "x-request-id": request_id})
     finally:
         model.metrics.request(url_version, status, time.perf_counter() - start)
-    out_headers = {**result.headers, "x-request-id": request_id}
+    out_headers = {k: v for k, v in result.headers.items() if k.lower() not in FRAMING_HEADERS}
+    out_headers["x-request-id"] = request_id
     return Response(result.payload, result.status, out_headers, media_type=result.content_type)

@@ -1,22 +1,78 @@
-"""The HTTP/1.1 protocol the three ports speak: uvicorn's httptools protocol with read deadlines.
+"""The HTTP/1.1 protocol the three ports speak: uvicorn's httptools protocol with read deadlines, disconnect
+hooks, and a direct route that answers a request without going through ASGI.
 
-uvicorn has no deadline for reading a request, so a client that trickles its headers or body (slow loris) holds
-a connection forever. Here a connection is closed when a request's head has not fully arrived within
+Deadlines: uvicorn has no deadline for reading a request, so a client that trickles its headers or body (slow
+loris) holds a connection forever. Here a connection is closed when a request's head has not fully arrived within
 ``header_timeout`` seconds (counted from the connection's start or the request's first byte) or its body within
 ``body_timeout`` seconds after the head. Idle keep-alive connections keep uvicorn's own timeout.
+
+Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
+when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
+
+Direct route: on the inference port, ``/predictions`` requests (``DirectRoute.matches``) are read here, body and
+all, handed to the route as ``(scope, body)``, and its response is written with one ``write``: no ASGI receive/send
+messages, no second write for the head. The route's task is tracked like uvicorn's, so a graceful shutdown waits
+for it. Requests the direct path does not take (pipelined behind another, ``Expect: 100-continue``, upgrades) go
+through ASGI as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
+
+DISCONNECT_HOOKS = "servekit.disconnect_hooks"
+Hooks = set[Callable[[], Any]]
 
 
-class DeadlineProtocol(HttpToolsProtocol):
+def disconnect_hooks(scope: dict[str, Any] | Any) -> Hooks | None:
+    """The hooks of the connection a request came on (``None`` on a server without them)."""
+    hooks: Hooks | None = scope.get(DISCONNECT_HOOKS)
+    return hooks
+
+
+class DirectRoute(Protocol):
+    """What the protocol needs from a route it answers itself."""
+
+    limit: int  # the largest body accepted; a larger one is answered by ``too_large``
+
+    def matches(self, method: str, path: str) -> bool: ...
+
+    async def __call__(self, scope: dict[str, Any], body: bytes) -> Response: ...
+
+    def too_large(self, scope: dict[str, Any], size: int) -> Response: ...
+
+
+class _Exchange:
+    """One request on the direct route; stands where uvicorn keeps its request/response cycle, with the
+    attributes the base protocol reads and sets (``response_complete``, ``disconnected``, ``keep_alive``,
+    ``message_event``)."""
+
+    __slots__ = ("chunks", "disconnected", "keep_alive", "message_event", "response_complete", "size")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.message_event = self  # the base protocol calls message_event.set() on disconnect
+
+    def set(self) -> None:
+        pass
+
+
+class HttpProtocol(HttpToolsProtocol):
     header_timeout = 10.0
     body_timeout = 60.0
+    direct: DirectRoute | None = None
     _deadline: asyncio.TimerHandle | None = None
+    _hooks: Hooks
+    _exchange: _Exchange | None = None
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -34,28 +90,100 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._hooks = set()
         self._arm(self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        for hook in list(self._hooks):
+            hook()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[DISCONNECT_HOOKS] = self._hooks  # type: ignore[literal-required]
         if self._deadline is None:
             self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
         self._arm(self.body_timeout)
+        if self.direct is None or self.expect_100_continue or self.parser.should_upgrade():
+            super().on_headers_complete()
+            return
+        method = self.parser.get_method().decode("ascii")
+        path = self.url.partition(b"?")[0].decode("latin-1")
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy or "%" in path or not self.direct.matches(method, path):
+            super().on_headers_complete()
+            return
+        http_version = self.parser.get_http_version()
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+        scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
+        scope["query_string"] = self.url.partition(b"?")[2]
+        keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
+        self._exchange = exchange = _Exchange(keep_alive)
+        self.cycle = exchange  # type: ignore[assignment]
+        declared = next((v for k, v in self.headers if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.direct.limit:
+            self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            super().on_body(body)
+            return
+        if exchange.response_complete or self.direct is None:
+            return
+        exchange.size += len(body)
+        if exchange.size > self.direct.limit:
+            self._answer(exchange, self.direct.too_large(self.scope, exchange.size), close=True)  # type: ignore[arg-type]
+            return
+        exchange.chunks.append(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
-        super().on_message_complete()
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            super().on_message_complete()
+            return
+        if exchange.response_complete or self.direct is None:
+            return
+        body = exchange.chunks[0] if len(exchange.chunks) == 1 else b"".join(exchange.chunks)
+        exchange.chunks = []
+        task = self.loop.create_task(self._run(exchange, self.direct, self.scope, body))  # type: ignore[arg-type]
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _run(self, exchange: _Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
+        response = await route(scope, body)
+        self._answer(exchange, response)
+
+    def _answer(self, exchange: _Exchange, response: Response, close: bool = False) -> None:
+        """Write the whole response at once, then let the next request in (as uvicorn does after a response)."""
+        exchange.response_complete = True
+        if exchange.disconnected or self.transport.is_closing():
+            return
+        keep_alive = exchange.keep_alive and not close
+        status, headers, body = (
+            response.status_code,
+            [*self.server_state.default_headers, *response.raw_headers],
+            response.body,
+        )
+        if any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
+            status, headers, body, keep_alive = 500, [(b"content-length", b"0")], b"", False  # would split the response
+        content: list[bytes | memoryview] = [STATUS_LINE[status]]
+        for name, value in headers:
+            content += [name, b": ", value, b"\r\n"]
+        if not keep_alive:
+            content.append(b"connection: close\r\n")
+        content += [b"\r\n", body]
+        self.transport.write(b"".join(content))
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
 
-def protocol_with(header_timeout: float, body_timeout: float) -> type[DeadlineProtocol]:
-    """A ``DeadlineProtocol`` with these deadlines, for ``uvicorn.Config(http=...)``."""
-    return type(
-        "ServekitHttpProtocol", (DeadlineProtocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout}
-    )
+def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRoute | None = None) -> type[HttpProtocol]:
+    """An ``HttpProtocol`` with these deadlines and direct route, for ``uvicorn.Config(http=...)``."""
+    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "direct": direct}
+    return type("ServekitHttpProtocol", (HttpProtocol,), attributes)

@@ -4,56 +4,82 @@ Inference Protocol and KServe v1 routes (``servekit.api.v2``)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
+from servekit.api.access import AccessLog
 from servekit.api.auth import TokenAuth, TokenStore
-from servekit.api.dispatch import read_fields, request_timeout, run_request
+from servekit.api.dispatch import header_map, read_body, read_fields, request_timeout, run_request
 from servekit.api.errors import error_response, install_error_handlers
 from servekit.api.v2 import create_v2_router
-from servekit.errors import ServekitError
+from servekit.errors import RequestTooLargeError, ServekitError
+from servekit.metrics import Metrics
 from servekit.protocol import Field
 from servekit.registry import ModelRegistry
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+PREFIX = "/predictions/"
+OPEN_PATHS = ("/ping", "/api-description", "/v2/health/live", "/v2/health/ready")
 logger = logging.getLogger("servekit.inference")
 
 
-Predict = Callable[[str, str | None, Request], Awaitable[Response]]
+class Predictions:
+    """``/predictions/{model}[/{version}]``: answered by the HTTP protocol directly (``servekit.api.http``), with
+    its token check, counting and access log here, skipping FastAPI's routing, dependency solving and middleware
+    and ASGI's messages (they cost about 40 % of the front end's time per request; see benchmarks/RESULTS.md).
+    The few requests the protocol leaves to ASGI (pipelined ones, ``Expect: 100-continue``) reach ``answer``
+    through FastAPI routes."""
+
+    def __init__(self, registry: ModelRegistry, tokens: TokenStore | None, access: AccessLog) -> None:
+        self.registry = registry
+        self.tokens = tokens
+        self.access = access
+        self.limit = registry.settings.max_request_size
+
+    def matches(self, method: str, path: str) -> bool:
+        if not path.startswith(PREFIX) or method not in ANY_METHOD:
+            return False
+        parts = path[len(PREFIX) :].split("/")
+        return 1 <= len(parts) <= 2 and all(parts)
+
+    async def __call__(self, scope: dict[str, Any], body: bytes) -> Response:
+        start = time.perf_counter()
+        response = await self.answer(scope, body)
+        self.access.done(scope, response.status_code, start)
+        return response
+
+    def too_large(self, scope: dict[str, Any], size: int) -> Response:
+        exc = RequestTooLargeError(size, self.limit)
+        self.access.done(scope, exc.status_code, time.perf_counter())
+        return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+
+    async def answer(self, scope: Scope, body: bytes) -> Response:
+        name, _, version = scope["path"][len(PREFIX) :].partition("/")
+        headers = header_map(scope)
+        try:
+            if self.tokens is not None:
+                self.tokens.check("inference", headers.get("authorization"))
+            model = self.registry.get(name, version or None)
+
+            async def read() -> tuple[tuple[Field, ...], float | None]:
+                return await read_fields(scope, headers, body), request_timeout(headers)
+
+            return await run_request(model, scope, headers, read, version or "default")
+        except ServekitError as exc:
+            return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+        except Exception:  # a bug of ours: log it, answer JSON as for every other error
+            logger.exception("unexpected error serving %s", scope["path"])
+            return error_response(500, "InternalServerError", "Internal server error")
 
 
-class PredictionsFastPath:
-    """ASGI middleware: ``/predictions/{model}[/{version}]`` goes straight to ``predict``, skipping FastAPI's
-    routing, dependency solving and middleware stack, which cost about 40 % of the front end's time per request
-    (py-spy, W1 at 64 clients; see benchmarks/RESULTS.md). Every other path goes to the FastAPI app."""
-
-    def __init__(self, app: ASGIApp, predict: Predict) -> None:
-        self.app = app
-        self.predict = predict
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith("/predictions/") and scope["method"] in ANY_METHOD:
-            parts = path[len("/predictions/") :].split("/")
-            if 1 <= len(parts) <= 2 and all(parts):
-                try:
-                    response = await self.predict(
-                        parts[0], parts[1] if len(parts) == 2 else None, Request(scope, receive)
-                    )
-                except ServekitError as exc:
-                    response = error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
-                except Exception:  # a bug of ours: log it, answer JSON as for every other error
-                    logger.exception("unexpected error serving %s", path)
-                    response = error_response(500, "InternalServerError", "Internal server error")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_inference_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> ASGIApp:
+def create_inference_app(
+    registry: ModelRegistry, metrics: Metrics, tokens: TokenStore | None = None
+) -> tuple[ASGIApp, Predictions]:
+    """The ASGI app of the port (behind its access log) and the ``/predictions`` route the protocol answers."""
     app = FastAPI(title="servekit inference API", openapi_url="/api-description", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     limit = registry.settings.max_request_size
@@ -64,23 +90,16 @@ def create_inference_app(registry: ModelRegistry, tokens: TokenStore | None = No
             return JSONResponse({"status": "Healthy"})
         return JSONResponse({"status": "Unhealthy"}, status_code=500)
 
-    # Registered for the OpenAPI description; requests reach predict() through PredictionsFastPath.
     @app.api_route("/predictions/{model_name}", methods=ANY_METHOD)
     async def predict_default(model_name: str, request: Request) -> Response:
-        return await predict(model_name, None, request)
+        return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
 
     @app.api_route("/predictions/{model_name}/{version}", methods=ANY_METHOD)
-    async def predict(model_name: str, version: str | None, request: Request) -> Response:
-        model = registry.get(model_name, version)
-
-        async def read() -> tuple[tuple[Field, ...], float | None]:
-            return await read_fields(request, limit), request_timeout(request)
-
-        return await run_request(model, request, read, version or "default")
+    async def predict(model_name: str, version: str, request: Request) -> Response:
+        return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
 
     app.include_router(create_v2_router(registry))
-    chain: ASGIApp = PredictionsFastPath(app, predict)
-    if tokens is not None:
-        open_paths = ("/ping", "/api-description", "/v2/health/live", "/v2/health/ready")
-        chain = TokenAuth(chain, store=tokens, kind="inference", open_paths=open_paths)
-    return chain
+    rest: ASGIApp = app if tokens is None else TokenAuth(app, store=tokens, kind="inference", open_paths=OPEN_PATHS)
+    access = AccessLog(rest, metrics, registry.settings.access_log)
+    predictions = Predictions(registry, tokens, access)
+    return access, predictions

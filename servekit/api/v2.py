@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from servekit.api.dispatch import read_body, run_request
+from servekit.api.dispatch import header_map, read_body, run_request
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
 from servekit.oip import HEADER_LENGTH, V2_CONTENT_TYPE, InferRequest, parse_request, to_worker, validate
@@ -129,11 +129,12 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
             return v2_error(exc, {})
 
         async def read() -> tuple[tuple[Field, ...], float | None]:
-            parsed = parse_request(await read_body(request, limit), header_length(request))
+            parsed = parse_request(await read_body(request.receive, headers, limit), header_length(request))
             validate(parsed, model.inputs, model.outputs)
             return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), parsed.timeout_s
 
-        return await run_request(model, request, read, version or "default", v2_error)
+        headers = header_map(request.scope)
+        return await run_request(model, request.scope, headers, read, version or "default", v2_error)
 
     @router.get("/v1/models")
     async def v1_models() -> JSONResponse:
@@ -155,11 +156,12 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
             return v2_error(exc, {})
 
         async def read() -> tuple[tuple[Field, ...], float | None]:
-            parsed = instances_request(model, await read_body(request, limit))
+            parsed = instances_request(model, await read_body(request.receive, headers, limit))
             validate(parsed, model.inputs, model.outputs)
             return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), None
 
-        response = await run_request(model, request, read, "default", v2_error)
+        headers = header_map(request.scope)
+        response = await run_request(model, request.scope, headers, read, "default", v2_error)
         if response.status_code != 200:
             return response
         return JSONResponse({"predictions": predictions(json.loads(bytes(response.body)))}, headers={
