@@ -36,9 +36,10 @@ ARCHIVER_VERSION = "0.12.0"
 MANIFEST_NAME = "MAR-INF/MANIFEST.json"
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]*")
 SUFFIXES = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
-# Handler names that TorchServe resolves itself (model_archiver.model_packaging_utils.model_handlers).
+# Handler names that TorchServe resolves itself (model_archiver.model_packaging_utils.model_handlers), and servekit's
+# own built-in "tensor" (servekit.handler.BUILTIN_HANDLERS; an archive naming it loads in servekit only).
 PYTHON_BUILTIN_HANDLERS = frozenset({"base_handler", "text_classifier", "image_classifier", "object_detector"})
-PYTHON_BUILTIN_HANDLERS |= {"image_segmenter", "dali_image_classifier", "vllm_handler", "trt_llm_handler"}
+PYTHON_BUILTIN_HANDLERS |= {"image_segmenter", "dali_image_classifier", "vllm_handler", "trt_llm_handler", "tensor"}
 LSP_BUILTIN_HANDLERS = frozenset({"BaseHandler", "TorchScriptHandler"})
 SKIPPED_DIRS = {"__pycache__", "__MACOSX"}
 SKIPPED_SUFFIXES = (".pyc", ".DS_Store", ".mar")

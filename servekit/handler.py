@@ -292,12 +292,20 @@ def _import_file(model_dir: str, file_name: str) -> Any:
 
 EntryPoint = Callable[[list[Any], Context], Any]
 
+# The built-in handlers (top-level ``handlers/``, installed as ``servekit_handlers``), by short name.
+BUILTIN_HANDLERS = frozenset(
+    {"base_handler", "image_classifier", "image_segmenter", "object_detector", "text_classifier", "tensor"}
+)
+BUILTIN_PACKAGE = "servekit_handlers"
+DEFAULT_HANDLER = "tensor"  # for an archive whose manifest names no handler
+
 
 def load_handler(handler: str, model_dir: str, context: Context) -> EntryPoint:
     """Import the handler named in the manifest and initialize it; return the per-batch callable.
 
-    ``handler`` is ``module[.py][:function]`` relative to ``model_dir``, or a built-in name
-    (``base_handler``). Raises ``HandlerError`` naming what could not be found.
+    ``handler`` is ``module[.py][:function]`` relative to ``model_dir``, or a built-in name (``BUILTIN_HANDLERS``,
+    unless ``model_dir`` has a file of that name, as TorchServe looks there first), or another module of
+    ``ts.torch_handler``. Raises ``HandlerError`` naming what could not be found.
     """
     module_part, _, function_name = handler.partition(":")
     module_name = Path(module_part).name.removesuffix(".py")
@@ -305,15 +313,7 @@ def load_handler(handler: str, model_dir: str, context: Context) -> EntryPoint:
         raise HandlerError("The model has no handler")
     if model_dir not in sys.path:
         sys.path.insert(0, model_dir)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the handler was found, but its own import failed: report that
-        try:
-            module = importlib.import_module(f"ts.torch_handler.{module_name}")
-        except ModuleNotFoundError:
-            raise HandlerError(f"Handler module {module_name!r} not found in {model_dir} or the built-ins") from None
+    module = _import_handler_module(module_name, model_dir)
     function = getattr(module, function_name or "handle", None)
     if function_name and function is None:
         raise HandlerError(f"Handler module {module_name!r} has no function {function_name!r}")
@@ -333,3 +333,28 @@ def load_handler(handler: str, model_dir: str, context: Context) -> EntryPoint:
     if callable(initialize):
         initialize(context)
     return instance.handle  # type: ignore[no-any-return]
+
+
+def _import_handler_module(module_name: str, model_dir: str) -> Any:
+    local = Path(model_dir, f"{module_name}.py").is_file() or Path(model_dir, module_name, "__init__.py").is_file()
+    if module_name in BUILTIN_HANDLERS and not local:
+        try:
+            return importlib.import_module(f"{BUILTIN_PACKAGE}.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != BUILTIN_PACKAGE:
+                raise
+            raise HandlerError(
+                f"Built-in handler {module_name!r} needs the package {BUILTIN_PACKAGE}, which is not "
+                "installed (it is handlers/ in servekit's source; reinstall servekit)"
+            ) from None
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise  # the handler was found, but its own import failed: report that
+    try:
+        return importlib.import_module(f"ts.torch_handler.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ts", "ts.torch_handler", f"ts.torch_handler.{module_name}"):
+            raise
+    raise HandlerError(f"Handler module {module_name!r} not found in {model_dir} or the built-ins")

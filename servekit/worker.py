@@ -24,7 +24,7 @@ from typing import Any
 
 from servekit import oip, protocol
 from servekit.errors import error_body
-from servekit.handler import Context, EntryPoint, PredictionException, RequestProcessor, load_handler
+from servekit.handler import DEFAULT_HANDLER, Context, EntryPoint, PredictionException, RequestProcessor, load_handler
 from servekit.tensors import TensorRunner
 
 COMPAT_PATH = str(Path(__file__).parent / "compat")
@@ -76,7 +76,7 @@ class Worker:
             command.gpu_id,
             model_yaml_config=command.model_yaml_config,
         )
-        self.entry: EntryPoint = load_handler(command.handler or "base_handler", command.model_dir, self.context)
+        self.entry: EntryPoint = load_handler(command.handler or DEFAULT_HANDLER, command.model_dir, self.context)
         self.tensors = TensorRunner(getattr(self.entry, "__self__", None), self.context)
 
     def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
