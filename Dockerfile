@@ -1,21 +1,44 @@
-# servekit: a CPU image. Build: docker build -t servekit:0.1.0 .
-# Run:   docker run -p 8080:8080 -p 8082:8082 -v $PWD/model_store:/models:ro servekit:0.1.0
-FROM python:3.11-slim
+# servekit's production image: docs/deploy.md says how to run it; tests/test_deploy.py checks what this file states.
+#
+#   docker build -t servekit:0.1.0 .
+#   docker run --rm --stop-timeout 40 -p 8080:8080 -p 8082:8082 -v "$PWD/model_store:/models:ro" servekit:0.1.0
+#
+# CUDA: the torch wheels of a CUDA index carry the CUDA runtime, so only the index changes (one that torch 2.13.0 is
+# built for; the host needs the NVIDIA driver and container toolkit; run with --gpus all):
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t servekit:0.1.0-cu128 .
+# BASE_IMAGE replaces python:3.11-slim in both stages, e.g. with an image built FROM nvidia/cuda that has Python 3.11
+# as `python` (with venv) at the same path in both stages.
+ARG BASE_IMAGE=python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE_IMAGE} AS builder
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from its own index (CPU by default), so that installing servekit does not pull another build
+RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+WORKDIR /src
+# the sources that .dockerignore lets into the build context
+COPY . .
+RUN pip install .
 
-# torch first, from the CPU wheel index, so that the package install below does not pull a CUDA build
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
-WORKDIR /opt/servekit
-COPY pyproject.toml README.md ./
-COPY servekit ./servekit
-RUN pip install . && useradd --create-home --uid 10001 servekit
-
+FROM ${BASE_IMAGE}
+# tini as PID 1 passes SIGTERM on to servekit (which then drains) and reaps orphaned grandchildren of workers
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 servekit \
+    && useradd --create-home --uid 10001 --gid servekit servekit
+COPY --from=builder /opt/venv /opt/venv
 COPY configs/container.properties /etc/servekit/config.properties
-USER servekit
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+# key_file.json (token auth) and logs/config/snapshot.json are written here
 WORKDIR /home/servekit
+VOLUME ["/models"]
+# inference and metrics; management (8081) listens on 127.0.0.1 inside the container (container.properties)
 EXPOSE 8080 8082
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/ping', timeout=2)"
-ENTRYPOINT ["servekit"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/ping', timeout=2)"]
+ENTRYPOINT ["tini", "--", "servekit"]
 CMD ["start", "--foreground", "--ts-config", "/etc/servekit/config.properties"]
