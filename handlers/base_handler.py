@@ -1,9 +1,8 @@
 """``base_handler``: TorchServe's ``BaseHandler``, and the base of every built-in handler.
 
-On top of ``servekit.handler.BaseHandler`` it keeps one client's bad input from failing the others of its batch: when
-a batch of several requests raises ``PredictionException`` with a 4xx code, each request is run again alone, so that
-only the requests at fault get the error (as JSON ``{"code", "type", "message"}``, the body servekit sends for a
-whole failed batch) and the others their answer.
+The built-ins raise ``InvalidInput`` for a request they cannot read; the worker then runs each request of the
+batch alone, so only the requests at fault get the 400. This module holds what the built-ins share for reading
+requests.
 
 Runs in the worker process; never imports asyncio or fastapi.
 """
@@ -13,53 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from servekit import handler
-from servekit.handler import Context, PredictionException
+from servekit.handler import Context, InvalidInput
 
 
 class BaseHandler(handler.BaseHandler):
-    """TorchServe's ``BaseHandler`` (``preprocess -> inference -> postprocess``); client errors stay per request."""
-
-    def handle(self, data: list[Any], context: Context) -> list[Any]:
-        try:
-            return super().handle(data, context)
-        except PredictionException as exc:
-            if len(data) == 1 or not is_client_error(exc):
-                raise
-        return [self._handle_alone(i, row, context) for i, row in enumerate(data)]
-
-    def _handle_alone(self, index: int, row: Any, context: Context) -> Any:
-        """Request ``index`` of the batch as a batch of its own: its answer, or its error with the error's status."""
-        processors, request_ids = context.request_processor, context.request_ids
-        context.request_processor = [processors[index]]
-        context.request_ids = {0: request_ids[index]} if request_ids and index in request_ids else None
-        try:
-            return super().handle([row], context)[0]
-        except PredictionException as exc:
-            if not is_client_error(exc):
-                raise
-            processors[index].report_status(exc.error_code)
-            message = f"Prediction failed for model {context.model_name}: PredictionException: {exc.message}"
-            return {"code": exc.error_code, "type": "HandlerError", "message": message}
-        finally:
-            context.request_processor, context.request_ids = processors, request_ids
-
-
-def is_client_error(exc: PredictionException) -> bool:
-    return 400 <= exc.error_code < 500
+    """TorchServe's ``BaseHandler`` (``preprocess -> inference -> postprocess``)."""
 
 
 def request_value(row: Any) -> Any:
     """What a request sent, as TorchServe's built-ins read it: its ``data`` field, else its ``body``. A JSON object
     body with a ``data`` member stands for that member (``{"data": ...}``)."""
     if not isinstance(row, dict):
-        raise PredictionException(f"Expected a request as a dict of fields, got {type(row).__name__}", 400)
+        raise InvalidInput(f"Expected a request as a dict of fields, got {type(row).__name__}")
     value = row.get("data")
     if value is None:
         value = row.get("body")
     if isinstance(value, dict) and "data" in value:
         value = value["data"]
     if value is None:
-        raise PredictionException("The request has no body and no 'data' field", 400)
+        raise InvalidInput("The request has no body and no 'data' field")
     return value
 
 

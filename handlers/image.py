@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from servekit.handler import PredictionException
+from servekit.handler import InvalidInput
 
 # 4096 x 4096: an RGB image of this size is 48 MiB decoded and 192 MiB as a float tensor. Pillow's own cap
 # (Image.MAX_IMAGE_PIXELS, 89 million pixels) is far above what a worker should decode for one request.
@@ -35,30 +35,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The decoded image (first frame, mode as stored), at most ``max_pixels`` pixels.
-    Raises ``PredictionException`` (400) for anything else."""
+    Raises ``InvalidInput`` (400) for anything else."""
     try:
         with warnings.catch_warnings():
             # Pillow warns above its own cap; ours is lower and checked below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        raise PredictionException(f"Image too large: {exc}", 400) from None
+        raise InvalidInput(f"Image too large: {exc}") from None
     except UnidentifiedImageError:
         kinds = ", ".join(FORMATS)
-        raise PredictionException(f"The request is not an image of a known format ({kinds})", 400) from None
+        raise InvalidInput(f"The request is not an image of a known format ({kinds})") from None
     except Exception as exc:  # Pillow's plugins raise many types for input they cannot read
-        raise PredictionException(f"The request is not a readable image: {exc}", 400) from None
+        raise InvalidInput(f"The request is not a readable image: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise PredictionException(
-            f"Image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels", 400
+        raise InvalidInput(
+            f"Image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels"
         )
     if width * height == 0:
-        raise PredictionException(f"Image of {width}x{height} pixels is empty", 400)
+        raise InvalidInput(f"Image of {width}x{height} pixels is empty")
     try:
         image.load()
     except Exception as exc:
-        raise PredictionException(f"Corrupt or truncated {image.format} image: {exc}", 400) from None
+        raise InvalidInput(f"Corrupt or truncated {image.format} image: {exc}") from None
     return image
 
 

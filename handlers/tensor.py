@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from servekit.handler import Context, PredictionException
+from servekit.handler import Context, InvalidInput
 
 from .base_handler import BaseHandler, json_kind
 
@@ -89,15 +89,15 @@ class TensorHandler(BaseHandler):
             try:
                 value = json.loads(value)
             except (ValueError, RecursionError):
-                raise PredictionException("The body is neither JSON nor a tensor saved with torch.save", 400) from None
+                raise InvalidInput("The body is neither JSON nor a tensor saved with torch.save") from None
         dtype_name = None
         if isinstance(value, dict):
             if "data" not in value:
-                raise PredictionException('Expected a JSON array or {"data": array, "dtype": name}', 400)
+                raise InvalidInput('Expected a JSON array or {"data": array, "dtype": name}')
             value, dtype_name = value["data"], value.get("dtype")
         if not isinstance(value, list):
             kind = "no body" if value is None else f"a JSON {json_kind(value)}"
-            raise PredictionException(f"Expected a JSON array (batch dimension first), got {kind}", 400)
+            raise InvalidInput(f"Expected a JSON array (batch dimension first), got {kind}")
         tensor = from_json(value, dtype_name or (self.input_spec[1] if self.input_spec else "float32"))
         self._check(tensor, dtype_name)
         return tensor, False
@@ -105,17 +105,17 @@ class TensorHandler(BaseHandler):
     def _check(self, tensor: torch.Tensor, dtype_name: str | None) -> None:
         """Refuse a tensor that does not match the model config's first input (when the config declares one)."""
         if tensor.dim() == 0 or tensor.numel() == 0:
-            raise PredictionException(f"Expected a non-empty tensor, batch dimension first; got {shape(tensor)}", 400)
+            raise InvalidInput(f"Expected a non-empty tensor, batch dimension first; got {shape(tensor)}")
         if self.input_spec is None:
             return
         name, expected_dtype, expected_shape = self.input_spec
         if DTYPES[expected_dtype] != tensor.dtype:
             got = dtype_name or str(tensor.dtype).removeprefix("torch.")
-            raise PredictionException(f"Input {name} is {expected_dtype}, got {got}", 400)
+            raise InvalidInput(f"Input {name} is {expected_dtype}, got {got}")
         got_shape = shape(tensor)
         fits = len(got_shape) == len(expected_shape)
         if not fits or any(e not in (-1, g) for e, g in zip(expected_shape, got_shape, strict=True)):
-            raise PredictionException(f"Input {name} has shape {expected_shape}, got {got_shape}", 400)
+            raise InvalidInput(f"Input {name} has shape {expected_shape}, got {got_shape}")
 
 
 def input_spec(config: dict[str, Any]) -> tuple[str, str, list[int]] | None:
@@ -132,11 +132,11 @@ def input_spec(config: dict[str, Any]) -> tuple[str, str, list[int]] | None:
 
 def from_json(value: list[Any], dtype_name: Any) -> torch.Tensor:
     if dtype_name not in DTYPES:
-        raise PredictionException(f"Unknown dtype {dtype_name!r}; expected one of {', '.join(DTYPES)}", 400)
+        raise InvalidInput(f"Unknown dtype {dtype_name!r}; expected one of {', '.join(DTYPES)}")
     try:
         return torch.tensor(value, dtype=DTYPES[dtype_name])
     except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as exc:
-        raise PredictionException(f"The data is not a rectangular array of numbers: {exc}", 400) from None
+        raise InvalidInput(f"The data is not a rectangular array of numbers: {exc}") from None
 
 
 def load_tensor(raw: bytes | bytearray) -> torch.Tensor:
@@ -145,13 +145,13 @@ def load_tensor(raw: bytes | bytearray) -> torch.Tensor:
         value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt zip, a refused pickle global, a bad record: all the client's input
         reason = str(exc).split(". ")[0][:200]  # torch's zip errors go on for a paragraph
-        raise PredictionException(f"Not a tensor saved with torch.save: {reason}", 400) from None
+        raise InvalidInput(f"Not a tensor saved with torch.save: {reason}") from None
     if not isinstance(value, torch.Tensor):
-        raise PredictionException(f"Expected one tensor saved with torch.save, got {type(value).__name__}", 400)
+        raise InvalidInput(f"Expected one tensor saved with torch.save, got {type(value).__name__}")
     if value.layout != torch.strided or value.is_quantized or value.dtype not in DTYPES.values():
-        raise PredictionException(f"Unsupported tensor ({value.layout}, {value.dtype}); send a dense tensor", 400)
+        raise InvalidInput(f"Unsupported tensor ({value.layout}, {value.dtype}); send a dense tensor")
     if value.numel() * value.element_size() > value.untyped_storage().nbytes():
-        raise PredictionException("The tensor's shape and strides view more elements than it holds", 400)
+        raise InvalidInput("The tensor's shape and strides view more elements than it holds")
     return value
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from servekit.handler import Context, PredictionException, map_class_to_label
+from servekit.handler import Context, InvalidInput, map_class_to_label
 
 from .base_handler import BaseHandler, json_kind, request_value
 
@@ -79,7 +79,7 @@ class TextClassifier(BaseHandler):
         for row in data:
             tokens = self._tokenize(self._clean(self.text(row)))
             if not tokens:
-                raise PredictionException("The text has no words to classify", 400)
+                raise InvalidInput("The text has no words to classify")
             offsets.append(len(ids))
             ids.extend(self._index(token) for token in ngrams_iterator(tokens, self.ngrams))
         as_tensor = torch.as_tensor
@@ -100,10 +100,10 @@ class TextClassifier(BaseHandler):
             try:
                 return bytes(value).decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise PredictionException(f"The text is not valid UTF-8: {exc}", 400) from None
+                raise InvalidInput(f"The text is not valid UTF-8: {exc}") from None
         if not isinstance(value, str):
             kind = json_kind(value)
-            raise PredictionException(f"Expected UTF-8 text (a text body or a JSON string), got a JSON {kind}", 400)
+            raise InvalidInput(f"Expected UTF-8 text (a text body or a JSON string), got a JSON {kind}")
         return value
 
     def _clean(self, text: str) -> str:

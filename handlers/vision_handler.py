@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from servekit.handler import Context, PredictionException
+from servekit.handler import Context, InvalidInput
 
 from .base_handler import BaseHandler, handler_config, json_kind, positive_int, request_value
 from .image import DEFAULT_MAX_PIXELS, Compose, ToRGB, ToTensor, decode_image
@@ -39,8 +39,8 @@ class VisionHandler(BaseHandler):
         images = self.images(data)
         shapes = sorted({tuple(image.shape) for image in images})
         if len(shapes) > 1:
-            # Only a batch of several requests gets here, and BaseHandler then runs each of them alone.
-            raise PredictionException(f"Images of different sizes cannot be stacked into one batch: {shapes}", 400)
+            # Only a batch of several requests gets here, and the worker then runs each of them alone.
+            raise InvalidInput(f"Images of different sizes cannot be stacked into one batch: {shapes}")
         return torch.stack(images).to(self.device)
 
     def images(self, data: list[Any]) -> list[torch.Tensor]:
@@ -53,23 +53,23 @@ class VisionHandler(BaseHandler):
             try:
                 value = base64.b64decode("".join(value.split()), validate=True)
             except (binascii.Error, ValueError):
-                raise PredictionException("A text body must be a base64-encoded image", 400) from None
+                raise InvalidInput("A text body must be a base64-encoded image") from None
         if isinstance(value, bytes | bytearray):
             return self.image_processing(decode_image(value, self.max_image_pixels))
         if isinstance(value, list):
             return self._tensor_image(value)
         kind = json_kind(value)
-        raise PredictionException(f"Expected image bytes, a base64 string or a nested list; got a JSON {kind}", 400)
+        raise InvalidInput(f"Expected image bytes, a base64 string or a nested list; got a JSON {kind}")
 
     def _tensor_image(self, value: list[Any]) -> torch.Tensor:
         """A nested list sent as the image's tensor (channels, height, width), as TorchServe accepts it."""
         try:
             tensor = torch.tensor(value, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise PredictionException(f"The image list is not a rectangular array of numbers: {exc}", 400) from None
+            raise InvalidInput(f"The image list is not a rectangular array of numbers: {exc}") from None
         if tensor.dim() != 3:
             shape = list(tensor.shape)
-            raise PredictionException(f"An image list must have 3 dimensions (C, H, W), got shape {shape}", 400)
+            raise InvalidInput(f"An image list must have 3 dimensions (C, H, W), got shape {shape}")
         if tensor.shape[1] * tensor.shape[2] > self.max_image_pixels:
-            raise PredictionException(f"Image list over the limit of {self.max_image_pixels} pixels", 400)
+            raise InvalidInput(f"Image list over the limit of {self.max_image_pixels} pixels")
         return tensor

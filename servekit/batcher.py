@@ -20,8 +20,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from servekit.errors import (
@@ -48,7 +48,9 @@ class Workers(Protocol[W]):
 
     def release(self, worker: W) -> None: ...
 
-    async def run(self, worker: W, requests: list[Request]) -> BatchResult: ...
+    async def run(
+        self, worker: W, requests: list[Request], on_chunks: Callable[[list[tuple[int, Response]]], None]
+    ) -> BatchResult: ...
 
 
 class BatchObserver(Protocol):
@@ -64,6 +66,15 @@ class Pending:
     request: Request
     future: asyncio.Future[Response]
     arrival: float
+    chunks: asyncio.Queue[bytes | ServekitError | None] | None = None  # a streamed response's chunks after the first
+
+
+async def _rest(chunks: asyncio.Queue[bytes | ServekitError | None]) -> AsyncIterator[bytes]:
+    """The chunks of a streamed response after its first: up to ``None``; an error ends the stream with it."""
+    while (chunk := await chunks.get()) is not None:
+        if isinstance(chunk, ServekitError):
+            raise chunk
+        yield chunk
 
 
 class Batcher(Generic[W]):
@@ -168,7 +179,7 @@ class Batcher(Generic[W]):
     async def _execute(self, worker: W, batch: list[Pending]) -> None:
         start = time.perf_counter()
         try:
-            result = await self._workers.run(worker, [p.request for p in batch])
+            result = await self._workers.run(worker, [p.request for p in batch], lambda c: self._stream(batch, c))
         except ServekitError as exc:
             self._fail(batch, exc)
             return
@@ -179,13 +190,30 @@ class Batcher(Generic[W]):
             self._fail(batch, HandlerError(failure_message(self.model, outcome), outcome.status))
             return
         for pending, response in zip(batch, outcome, strict=True):
-            if not pending.future.done():
+            if pending.chunks is not None:  # a streamed response: its last chunk, then the end
+                pending.chunks.put_nowait(response.payload)
+                pending.chunks.put_nowait(None)
+            elif not pending.future.done():
                 pending.future.set_result(response)
+
+    @staticmethod
+    def _stream(batch: list[Pending], chunks: list[tuple[int, Response]]) -> None:
+        """Chunks of streamed responses: the first answers the request (status, headers, first bytes); the
+        others follow through its queue."""
+        for index, response in chunks:
+            pending = batch[index]
+            if pending.chunks is not None:
+                pending.chunks.put_nowait(response.payload)
+            elif not pending.future.done():
+                pending.chunks = asyncio.Queue()
+                pending.future.set_result(replace(response, more=_rest(pending.chunks)))
 
     @staticmethod
     def _fail(batch: list[Pending], error: ServekitError) -> None:
         for pending in batch:
-            if not pending.future.done():
+            if pending.chunks is not None:
+                pending.chunks.put_nowait(error)
+            elif not pending.future.done():
                 pending.future.set_exception(error)
 
     def _fail_queued(self, error: ServekitError) -> None:

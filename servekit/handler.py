@@ -48,6 +48,17 @@ class PredictionException(Exception):
         return f"message : error_code => {self.message} : {self.error_code}"
 
 
+class InvalidInput(PredictionException):
+    """Raise from a handler when a request's input is wrong: that client gets ``error_code`` (400 by default) and
+    ``message``. Like any 4xx ``PredictionException`` raised for a batch of several requests, the worker then runs
+    each request of the batch alone, so only the requests at fault get the error."""
+
+    def __init__(self, message: str, error_code: int = 400) -> None:
+        if not 400 <= error_code < 500:
+            raise ValueError(f"InvalidInput is a client error (4xx), not {error_code}")
+        super().__init__(message, error_code)
+
+
 class RequestProcessor:
     """Per-request headers in, status and headers out (TorchServe's ``ts.context.RequestProcessor``)."""
 
@@ -114,6 +125,16 @@ class Context:
         self.model_yaml_config = model_yaml_config or {}
         self.stopping_criteria: Any = None
         self.cl_socket: Any = None
+        self.intermediate: Callable[[list[Any], int], None] | None = None  # set by the worker for each batch
+
+    def send_intermediate_response(self, values: list[Any], code: int = 200) -> None:
+        """Send ``values[i]`` to the client of request ``i`` of the batch now, as one chunk of a streamed (chunked)
+        response; ``handle``'s return value is the last chunk. TorchServe's ``send_intermediate_predict_response``."""
+        if self.intermediate is None:
+            raise RuntimeError("Intermediate responses can only be sent from a worker running a batch")
+        if len(values) != len(self.request_processor):
+            raise ValueError(f"Expected {len(self.request_processor)} intermediate values, one per request")
+        self.intermediate(values, code)
 
     def get_request_id(self, idx: int = 0) -> str | None:
         return self.request_ids.get(idx) if self.request_ids else None

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from servekit import protocol
 from servekit.errors import ServekitError, ServiceUnavailableError
-from servekit.process import PoolSettings, WorkerProcess
+from servekit.inputs import InputCheck
+from servekit.process import OnChunks, PoolSettings, WorkerProcess
 
 logger = logging.getLogger("servekit.pool")
 
@@ -50,6 +51,7 @@ class WorkerPool:
         self._failures = 0
         self._gpu_cycle = itertools.cycle(settings.gpu_ids) if settings.gpu_ids else None
         self.closed = False
+        self.input_check: InputCheck | None = None  # the handler's declared input (servekit.inputs)
 
     @property
     def ready(self) -> int:
@@ -79,10 +81,12 @@ class WorkerPool:
             self._waiters.append(future)
         return future
 
-    async def run(self, worker: WorkerProcess, requests: list[protocol.Request]) -> protocol.BatchResult:
+    async def run(
+        self, worker: WorkerProcess, requests: list[protocol.Request], on_chunks: OnChunks | None = None
+    ) -> protocol.BatchResult:
         """Run one batch on an acquired worker, then give the worker back (or replace it if it died)."""
         try:
-            outcome = await worker.run(requests)
+            outcome = await worker.run(requests, on_chunks)
         except ServekitError:
             self._on_death(worker)
             raise
@@ -151,6 +155,7 @@ class WorkerPool:
         try:
             await worker.start()
             self._on_loaded(worker, time.monotonic() - started)
+            self.input_check = worker.input_check
         except BaseException:
             self._discard(worker)
             await worker.kill()

@@ -25,11 +25,15 @@ from pathlib import Path
 
 from servekit import protocol
 from servekit.errors import HandlerError, ProtocolError, ResponseTimeoutError, WorkerDiedError
+from servekit.inputs import InputCheck
 
 logger = logging.getLogger("servekit.process")
 
 FRAME_OVERHEAD = 1 << 20  # headers and JSON around the payloads of one response frame
 _ids = itertools.count(9000)  # worker ids as TorchServe numbers them
+
+
+OnChunks = Callable[[list[tuple[int, protocol.Response]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class WorkerProcess:
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.input_check: InputCheck | None = None  # the handler's declared input, once loaded
 
     @property
     def pid(self) -> int | None:
@@ -123,6 +128,12 @@ class WorkerProcess:
             failure = protocol.decode_failure(header)
             await self.kill()
             raise HandlerError(f"Failed to load model {self.command.model_name}: {failure.kind}: {failure.message}")
+        if header.get("input_schema") is not None:
+            try:
+                self.input_check = InputCheck(header["input_schema"])
+            except HandlerError as exc:
+                await self.kill()
+                raise HandlerError(f"Failed to load model {self.command.model_name}: {exc.message}") from None
         self.status = "READY"
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -153,12 +164,19 @@ class WorkerProcess:
             logger.warning("worker %s of %s exited: %s", self.id, self.command.model_name, describe_exit(code))
             self._on_exit(self)
 
-    async def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
-        """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead."""
+    async def run(self, requests: list[protocol.Request], on_chunks: OnChunks | None = None) -> protocol.BatchResult:
+        """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead. Chunks of
+        streamed responses go to ``on_chunks`` as they come; ``response_timeout`` bounds the wait for each frame."""
         try:
             await self._send(protocol.encode_batch(requests))
-            async with asyncio.timeout(self.settings.response_timeout):  # no extra task, unlike wait_for
-                header, parts = await self._receive(len(requests))
+            while True:
+                async with asyncio.timeout(self.settings.response_timeout):  # no extra task, unlike wait_for
+                    header, parts = await self._receive(len(requests))
+                if header.get("op") != "partial":
+                    break
+                if on_chunks is None:
+                    raise ProtocolError("streamed chunks where none were expected")
+                on_chunks(protocol.decode_partial(header, parts, len(requests)))
         except TimeoutError:
             await self.kill()
             raise ResponseTimeoutError(

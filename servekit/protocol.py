@@ -64,6 +64,7 @@ class Response:
     payload: bytes
     headers: dict[str, str] = field(default_factory=dict)
     reason: str | None = None
+    more: Any = None  # front end only: the rest of a streamed response, an async iterator of bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,24 @@ def _decode_metrics(items: Any) -> tuple[MetricRecord, ...]:
             raise ProtocolError(f"malformed metric record {item!r:.200}") from None
         records.append(record)
     return tuple(records)
+
+
+def encode_partial(items: Sequence[tuple[int, Response]]) -> list[bytes | bytearray | memoryview]:
+    """Intermediate responses (a streamed chunk each) for requests of the running batch, by index."""
+    meta = [[i, r.status, r.content_type, r.headers, r.reason] for i, r in items]
+    return encode({"op": "partial", "responses": meta}, [r.payload for _, r in items])
+
+
+def decode_partial(header: dict[str, Any], parts: list[memoryview], batch: int) -> list[tuple[int, Response]]:
+    """Intermediate responses for a batch of ``batch`` requests; anything malformed is a ``ProtocolError``."""
+    meta = header.get("responses")
+    if not isinstance(meta, list) or len(meta) != len(parts) or not meta:
+        raise ProtocolError("malformed partial responses")
+    indices = [item[0] if isinstance(item, list) and item else None for item in meta]
+    if not all(isinstance(i, int) and 0 <= i < batch for i in indices):
+        raise ProtocolError(f"partial response index out of range for a batch of {batch}")
+    responses = decode_responses({"responses": [item[1:] for item in meta]}, parts, len(meta))
+    return list(zip(indices, responses, strict=True))  # type: ignore[arg-type]
 
 
 def decode_responses(header: dict[str, Any], parts: list[memoryview], expected: int) -> list[Response]:

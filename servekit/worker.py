@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,20 @@ def encode_value(value: Any) -> tuple[bytes, str | None]:
     return json.dumps(value, separators=(",", ":")).encode(), "application/json"
 
 
+Partial = Callable[[list[tuple[int, protocol.Response]]], None]
+
+
+def is_stream(value: Any) -> bool:
+    """A handler's answer that is streamed: an iterator (a generator), whose items are sent as chunks."""
+    return isinstance(value, Iterator)
+
+
 class Worker:
     """The handler of one model and the per-batch bookkeeping around it."""
 
-    def __init__(self, command: protocol.LoadCommand) -> None:
+    def __init__(self, command: protocol.LoadCommand, partial: Partial | None = None) -> None:
         self.command = command
+        self.partial = partial  # sends chunks of streamed responses while a batch runs
         self.context = Context(
             command.model_name,
             command.model_dir,
@@ -78,6 +88,7 @@ class Worker:
         )
         self.entry: EntryPoint = load_handler(command.handler or DEFAULT_HANDLER, command.model_dir, self.context)
         self.tensors = TensorRunner(getattr(self.entry, "__self__", None), self.context)
+        self.input_schema = declared(self.entry, "input_schema")
 
     def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
         """One batch: the answers, the time it took (TorchServe's ``PredictionTime``) and the handler's metrics."""
@@ -108,7 +119,7 @@ class Worker:
             except ValueError as exc:
                 answers[i] = protocol.Response(400, "application/json", error_body(400, "BadRequestError", str(exc)))
         if to_handler:
-            outcome = self._handle([requests[i] for i in to_handler], data)
+            outcome = self._handle([requests[i] for i in to_handler], data, to_handler)
             if isinstance(outcome, protocol.Failure):
                 if len(to_handler) == len(requests):
                     return outcome  # the whole batch failed in the handler
@@ -121,14 +132,40 @@ class Worker:
         return [answers[i] for i in range(len(requests))]
 
     def _handle(
-        self, requests: list[protocol.Request], data: list[dict[str, Any]]
+        self, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
     ) -> list[protocol.Response] | protocol.Failure:
+        """The handler on a batch. A client error (a 4xx ``PredictionException``, e.g. ``InvalidInput``) raised for
+        a batch of several requests is one client's bad input: each request is then run alone, so that only the
+        requests at fault get the error and the others their answers."""
+        outcome = self._call(requests, data, indices)
+        if isinstance(outcome, protocol.Failure) and 400 <= outcome.status < 500 and len(requests) > 1:
+            return [self._alone(*job) for job in zip(requests, data, indices, strict=True)]
+        return outcome
+
+    def _alone(self, request: protocol.Request, row: dict[str, Any], index: int) -> protocol.Response:
+        outcome = self._call([request], [row], [index])
+        if isinstance(outcome, protocol.Failure):
+            message = protocol.failure_message(self.command.model_name, outcome)
+            return protocol.Response(
+                outcome.status, "application/json", error_body(outcome.status, "HandlerError", message)
+            )
+        return outcome[0]
+
+    def _call(
+        self, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
+    ) -> list[protocol.Response] | protocol.Failure:
+        """The handler on ``requests``, which are the batch's requests at ``indices`` (streamed chunks name those)."""
         self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
         self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
+        self.context.intermediate = lambda values, code: self._send_chunks(
+            [(i, self._response(i, value, code)) for i, value in enumerate(values)], indices
+        )
         try:
             results = self.entry(data, self.context)
+            if isinstance(results, list) and any(is_stream(value) for value in results):
+                results = self._stream(results, indices)
         except PredictionException as exc:
-            return protocol.Failure(exc.error_code, "PredictionException", exc.message, traceback.format_exc())
+            return protocol.Failure(exc.error_code, type(exc).__name__, exc.message, traceback.format_exc())
         except MemoryError:
             return protocol.Failure(507, "MemoryError", "Out of resources", traceback.format_exc())
         except Exception as exc:
@@ -148,7 +185,28 @@ class Worker:
             )
         return [self._response(i, value) for i, value in enumerate(results)]
 
-    def _response(self, idx: int, value: Any) -> protocol.Response:
+    def _send_chunks(self, chunks: list[tuple[int, protocol.Response]], indices: list[int]) -> None:
+        if self.partial is None:
+            raise RuntimeError("This worker cannot stream: it has no connection to the front end")
+        self.partial([(indices[i], response) for i, response in chunks])
+
+    def _stream(self, results: list[Any], indices: list[int]) -> list[Any]:
+        """Send the items of the streamed answers as chunks, round robin over the requests; their last chunk is
+        then empty. Returns the batch's final answers."""
+        active = {i: value for i, value in enumerate(results) if is_stream(value)}
+        final = [b"" if i in active else value for i, value in enumerate(results)]
+        while active:
+            chunks = []
+            for i, stream in list(active.items()):
+                try:
+                    chunks.append((i, self._response(i, next(stream))))
+                except StopIteration:
+                    del active[i]
+            if chunks:
+                self._send_chunks(chunks, indices)
+        return final
+
+    def _response(self, idx: int, value: Any, code: int | None = None) -> protocol.Response:
         processor = self.context.request_processor[idx]
         try:
             payload, content_type = encode_value(value)
@@ -161,8 +219,14 @@ class Worker:
             return protocol.Response(500, "application/json", error_body(500, "ResponseTooLargeError", message))
         headers = processor.get_response_headers()
         content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
-        status = processor.get_response_status_code()
+        status = code or processor.get_response_status_code()
         return protocol.Response(status, content_type, payload, headers, processor.get_response_status_phrase())
+
+
+def declared(entry: EntryPoint, name: str) -> Any:
+    """What a handler declares as ``name``: an attribute of its class, or of its module for a function handler."""
+    owner = getattr(entry, "__self__", None) or sys.modules.get(getattr(entry, "__module__", ""))
+    return getattr(owner, name, None)
 
 
 def prepare_process(command: protocol.LoadCommand) -> None:
@@ -183,12 +247,19 @@ def serve(sock: socket.socket) -> int:
     command = protocol.LoadCommand(**fields)
     try:
         prepare_process(command)
-        worker = Worker(command)
+        worker = Worker(command, lambda chunks: protocol.send_frame(sock, protocol.encode_partial(chunks)))
     except BaseException as exc:
         failure = protocol.Failure(500, type(exc).__name__, str(exc) or repr(exc), traceback.format_exc())
         protocol.send_frame(sock, protocol.encode_failure(failure))
         return 1
-    protocol.send_frame(sock, protocol.encode({"op": "loaded", "pid": os.getpid()}))
+    loaded = {"op": "loaded", "pid": os.getpid(), "input_schema": worker.input_schema}
+    try:
+        frame = protocol.encode(loaded)
+    except (TypeError, ValueError) as exc:
+        failure = protocol.Failure(500, "HandlerError", f"The handler's input_schema is not JSON: {exc}")
+        protocol.send_frame(sock, protocol.encode_failure(failure))
+        return 1
+    protocol.send_frame(sock, frame)
     while (body := protocol.recv_frame(sock)) is not None:
         header, parts = protocol.decode(body)
         requests = protocol.decode_batch(header, parts)

@@ -27,8 +27,8 @@ import torch
 import yaml
 from PIL import Image
 
-from servekit import archiver
-from servekit.handler import Context, RequestProcessor, load_handler
+from servekit import archiver, protocol
+from servekit.worker import Worker
 from tests.helpers import Server, running_server, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,55 +349,64 @@ def test_tensor_handler_refuses_a_tensor_that_views_more_than_it_holds(server: S
 
 @pytest.fixture
 def in_process(models: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Load an example's handler in this process, as a worker does; sys.path and the models' modules are restored."""
+    """A worker of an example model in this process (``servekit.worker.Worker``, what a worker process runs);
+    sys.path and the models' modules are restored."""
     monkeypatch.setattr(sys, "path", list(sys.path))
 
-    def load(name: str) -> tuple[Any, Context]:
+    def load(name: str) -> Worker:
         monkeypatch.delitem(sys.modules, "model", raising=False)
         model_dir = models / name
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
         config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-        context = Context(name, str(model_dir), manifest, 4, None, model_yaml_config=config)
-        return load_handler(manifest["model"]["handler"], str(model_dir), context), context
+        handler = manifest["model"]["handler"]
+        return Worker(protocol.LoadCommand(name, str(model_dir), handler, manifest, config, 4, None, 1))
 
     yield load
     sys.modules.pop("model", None)
 
 
-def run_batch(entry: Any, context: Context, rows: list[dict[str, Any]]) -> tuple[list[Any], list[int]]:
-    context.request_processor = [RequestProcessor({}) for _ in rows]
-    context.request_ids = {i: f"req-{i}" for i in range(len(rows))}
-    results = entry(rows, context)
-    return results, [processor.get_response_status_code() for processor in context.request_processor]
+def run_batch(worker: Worker, bodies: list[tuple[bytes, str | None]]) -> tuple[list[Any], list[int]]:
+    """One batch through the worker: each request's decoded JSON answer and its status."""
+    requests = [
+        protocol.Request(f"req-{i}", {}, (protocol.Field("body", content_type, body),))
+        for i, (body, content_type) in enumerate(bodies)
+    ]
+    outcome = worker.run(requests).outcome
+    assert isinstance(outcome, list), outcome
+    return [json.loads(response.payload) for response in outcome], [response.status for response in outcome]
 
 
 def test_builtin_handler_bad_request_in_a_batch_fails_only_itself(in_process: Any) -> None:
-    entry, context = in_process("color_classifier")
-    sample = bytearray(ARCHIVES["color_classifier"][1].read_bytes())
-    results, statuses = run_batch(entry, context, [{"body": sample}, {"body": bytearray(b"nope")}, {"body": sample}])
+    worker = in_process("color_classifier")
+    sample = ARCHIVES["color_classifier"][1].read_bytes()
+    results, statuses = run_batch(worker, [(sample, None), (b"nope", None), (sample, None)])
     assert statuses == [200, 400, 200]
     assert results[0] == results[2] and next(iter(results[0])) == "blue"
     assert results[1]["code"] == 400 and "not an image" in results[1]["message"]
-    assert context.request_processor[1].get_response_status_code() == 400  # the batch's processors are back
+    assert "InvalidInput" in results[1]["message"]
 
 
 def test_image_segmenter_batch_of_different_sizes_runs_each_alone(in_process: Any) -> None:
-    entry, context = in_process("color_segmenter")
+    worker = in_process("color_segmenter")
     small, large = Image.new("RGB", (4, 3), (30, 70, 200)), Image.new("RGB", (6, 5), (40, 160, 60))
-    rows = []
+    bodies: list[tuple[bytes, str | None]] = []
     for image in (small, large):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
-        rows.append({"body": bytearray(buffer.getvalue())})
-    results, statuses = run_batch(entry, context, rows)
+        bodies.append((buffer.getvalue(), None))
+    results, statuses = run_batch(worker, bodies)
     assert statuses == [200, 200]
     assert torch.tensor(results[0]).shape == (3, 4, 2) and torch.tensor(results[1]).shape == (5, 6, 2)
     assert {p[0] for row in results[0] for p in row} == {7.0} and {p[0] for row in results[1] for p in row} == {6.0}
 
 
 def test_tensor_handler_batches_requests_of_the_same_trailing_shape(in_process: Any) -> None:
-    entry, context = in_process("fahrenheit")
-    rows: list[dict[str, Any]] = [{"body": [[0.0], [100.0]]}, {"body": {"data": [[-40]]}}, {"body": "[[20]]"}]
-    results, statuses = run_batch(entry, context, rows)
+    worker = in_process("fahrenheit")
+    bodies: list[tuple[bytes, str | None]] = [
+        (b"[[0.0], [100.0]]", "application/json"),
+        (b'{"data": [[-40]]}', "application/json"),
+        (b"[[20]]", "text/plain"),
+    ]
+    results, statuses = run_batch(worker, bodies)
     assert statuses == [200, 200, 200]
     assert results == [[[32.0], [212.0]], [[-40.0]], [[68.0]]]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
@@ -131,4 +131,12 @@ async def run_request(
         model.metrics.request(url_version, status, time.perf_counter() - start)
     out_headers = {k: v for k, v in result.headers.items() if k.lower() not in FRAMING_HEADERS}
     out_headers["x-request-id"] = request_id
+    if result.more is not None:  # streamed: the first chunk now, the rest as the worker sends them
+        return StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers, result.content_type)
     return Response(result.payload, result.status, out_headers, media_type=result.content_type)
+
+
+async def _chunks(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk

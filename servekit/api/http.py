@@ -19,12 +19,14 @@ through ASGI as usual.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
+logger = logging.getLogger("servekit.http")
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
 
@@ -156,29 +158,67 @@ class HttpProtocol(HttpToolsProtocol):
 
     async def _run(self, exchange: _Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
         response = await route(scope, body)
-        self._answer(exchange, response)
+        if isinstance(response, StreamingResponse):
+            await self._stream(exchange, response)
+        else:
+            self._answer(exchange, response)
+
+    async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
+        """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
+        connection without the last chunk, so the client sees the response was cut short."""
+        headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
+        if not self._write_head(exchange, response.status_code, [*headers, (b"transfer-encoding", b"chunked")]):
+            return
+        try:
+            async for chunk in response.body_iterator:
+                if self.transport.is_closing():
+                    return  # the client went away: the rest of the stream is dropped
+                data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+                if data:
+                    self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+                    if self.flow.write_paused:
+                        await self.flow.drain()
+        except Exception as exc:
+            logger.warning("a streamed response was cut short: %s", exc)
+            self.transport.close()
+            return
+        finally:
+            exchange.response_complete = True
+        self._finish(exchange, b"0\r\n\r\n")
 
     def _answer(self, exchange: _Exchange, response: Response, close: bool = False) -> None:
         """Write the whole response at once, then let the next request in (as uvicorn does after a response)."""
         exchange.response_complete = True
+        if close:
+            exchange.keep_alive = False
+        if self._write_head(exchange, response.status_code, response.raw_headers, response.body):
+            self._finish(exchange)
+
+    def _write_head(
+        self, exchange: _Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes | memoryview = b""
+    ) -> bool:
+        """Write the status line and headers (and ``body``, in the same write); ``False`` if the client is gone."""
         if exchange.disconnected or self.transport.is_closing():
-            return
-        keep_alive = exchange.keep_alive and not close
-        status, headers, body = (
-            response.status_code,
-            [*self.server_state.default_headers, *response.raw_headers],
-            response.body,
-        )
+            return False
+        headers = [*self.server_state.default_headers, *headers]
         if any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
-            status, headers, body, keep_alive = 500, [(b"content-length", b"0")], b"", False  # would split the response
+            logger.error("a response header is not valid HTTP; answering 500 instead")
+            status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
         content: list[bytes | memoryview] = [STATUS_LINE[status]]
         for name, value in headers:
             content += [name, b": ", value, b"\r\n"]
-        if not keep_alive:
+        if not exchange.keep_alive:
             content.append(b"connection: close\r\n")
         content += [b"\r\n", body]
         self.transport.write(b"".join(content))
-        if not keep_alive:
+        return True
+
+    def _finish(self, exchange: _Exchange, tail: bytes = b"") -> None:
+        if self.transport.is_closing():
+            return
+        if tail:
+            self.transport.write(tail)
+        if not exchange.keep_alive:
             self.transport.close()
         self.on_response_complete()
 

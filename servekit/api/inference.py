@@ -66,7 +66,10 @@ class Predictions:
             model = self.registry.get(name, version or None)
 
             async def read() -> tuple[tuple[Field, ...], float | None]:
-                return await read_fields(scope, headers, body), request_timeout(headers)
+                fields = await read_fields(scope, headers, body)
+                if model.pool.input_check is not None:
+                    model.pool.input_check(fields)  # a bad input never takes a place in a batch
+                return fields, request_timeout(headers)
 
             return await run_request(model, scope, headers, read, version or "default")
         except ServekitError as exc:

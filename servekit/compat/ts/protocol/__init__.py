@@ -1,0 +1,1 @@
+"""``ts.protocol``: only what handlers import from it."""
