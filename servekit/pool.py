@@ -192,8 +192,9 @@ class WorkerPool:
             if not waiter.done():
                 waiter.set_exception(ServiceUnavailableError(reason))
 
-    async def close(self) -> None:
-        """Stop every worker and cancel pending restarts."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every worker (each gets ``timeout``, by default ``response_timeout``, to finish its batch and exit
+        before it is killed) and cancel pending restarts."""
         self.closed = True
         self.target = 0
         for task in list(self._restarts):
@@ -201,4 +202,5 @@ class WorkerPool:
         self._fail_waiters(NO_WORKER)
         workers, self.workers = list(self.workers), []
         self._idle.clear()
-        await asyncio.gather(*(w.stop(self.settings.response_timeout) for w in workers))
+        stop_timeout = self.settings.response_timeout if timeout is None else timeout
+        await asyncio.gather(*(w.stop(stop_timeout) for w in workers))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -100,10 +101,26 @@ def resolve_settings(spec: ModelSpec, settings: Settings, params: Mapping[str, A
     )
 
 
-def torch_threads(workers: int) -> int:
-    """Intra-op threads per worker so that the workers and the front end share the cores."""
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's CPU
+    limit), which the affinity does not show."""
     cores = len(os.sched_getaffinity(0))
-    return max(1, (cores - 1) // max(1, workers))
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def torch_threads(workers: int) -> int:
+    """Intra-op threads per worker so that the workers and the front end share the cores. ``OMP_NUM_THREADS`` in
+    the server's environment, when set, is used as it is."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "")
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    return max(1, (available_cpus() - 1) // max(1, workers))
 
 
 @dataclass(eq=False)
@@ -332,7 +349,7 @@ class ModelRegistry:
         self._defaults[name] = version
         self._on_change()
 
-    async def _remove(self, model: Model) -> None:
+    async def _remove(self, model: Model, timeout: float | None = None) -> None:
         versions = self._models.get(model.name, {})
         versions.pop(model.version, None)
         if not versions:
@@ -340,8 +357,8 @@ class ModelRegistry:
             self._defaults.pop(model.name, None)
         elif self._defaults.get(model.name) == model.version:
             self._defaults[model.name] = next(iter(versions))
-        await model.batcher.close(self.settings.unregister_model_timeout)
-        await model.pool.close()
+        await model.batcher.close(self.settings.unregister_model_timeout if timeout is None else timeout)
+        await model.pool.close(timeout)
         model.spec.remove_staging()
         if model.downloaded is not None:
             model.downloaded.unlink(missing_ok=True)
@@ -356,9 +373,10 @@ class ModelRegistry:
         self._on_change()
         return model
 
-    async def close(self) -> None:
-        """Unregister everything (server shutdown)."""
+    async def close(self, timeout: float) -> None:
+        """Unregister everything (server shutdown, after the drain): what is still queued gets ``timeout`` seconds,
+        and so do the workers to exit before they are killed."""
         for task in list(self._background):
             task.cancel()
         models = [m for versions in self._models.values() for m in versions.values()]
-        await asyncio.gather(*(self._remove(m) for m in models))
+        await asyncio.gather(*(self._remove(m, timeout) for m in models))

@@ -2,8 +2,9 @@
 models (from the latest snapshot if there is one, else ``load_models``), and owns signals and shutdown.
 
 SIGTERM or SIGINT: ``/ping`` turns unhealthy and the listeners close at once; requests in flight and queued
-finish within ``drain_timeout`` (30 s); then the workers stop and the process exits 0. A second signal exits
-at once (code 1); the workers die with the front end (they ask the kernel for that).
+finish within ``drain_timeout`` (30 s); then the workers get ``WORKER_EXIT_S`` to exit (else they are killed) and
+the process exits 0, so shutdown takes at most ``drain_timeout`` + 5 s (+ 2 s to reap a killed worker). A second
+signal exits at once (code 1); the workers die with the front end (they ask the kernel for that).
 ``/ping`` answers ``Unhealthy`` until every startup model is loaded. With token authorization on
 (the default), ``key_file.json`` is written in the working directory at start and removed at exit.
 """
@@ -37,6 +38,7 @@ from servekit.metrics import Metrics
 from servekit.registry import ModelRegistry
 
 logger = logging.getLogger("servekit.server")
+WORKER_EXIT_S = 5.0  # after the drain: how long workers get to exit before they are killed
 
 
 def pid_file() -> Path:
@@ -208,7 +210,7 @@ async def serve(settings: Settings) -> int:
         for s in servers:
             s.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
-        await registry.close()
+        await registry.close(WORKER_EXIT_S)
     finally:
         cleanup()
     return 0
