@@ -6,6 +6,8 @@ parsed once, at start, into the frozen ``Settings``; a value that cannot be pars
 
 Keys and defaults follow TorchServe 0.12's ``config.properties`` (``../shared/reference/torchserve.md`` §6).
 Environment variables ``TS_<KEY>`` are read only when ``enable_envvars_config=true``, as in TorchServe.
+The docstring of each ``Settings`` field is its user documentation: ``docs/configuration.md`` is generated from them
+(``docs/gen_config_reference.py``).
 """
 
 from __future__ import annotations
@@ -49,34 +51,83 @@ class Settings:
     """Everything the server needs to start, read once."""
 
     inference_address: Address = Address("127.0.0.1", 8080)
+    """Where the inference API listens: ``/ping``, ``/predictions``, the Open Inference Protocol (KServe v2) and
+    KServe v1. ``http://host:port`` only (no HTTPS, no ``unix:`` sockets)."""
     management_address: Address = Address("127.0.0.1", 8081)
+    """Where the management API listens. Keep it on a loopback address, or keep token authorization on."""
     metrics_address: Address = Address("127.0.0.1", 8082)
+    """Where the metrics API (``GET /metrics``, Prometheus text, no key needed) listens."""
     model_store: Path | None = None
+    """The folder of model archives (``.mar``, ``.tar.gz``, ``.tgz``, ``.zip``, ``.model``) and unpacked model
+    folders. ``--model-store`` sets it. Registering a model, and ``load_models=all``, need it."""
     load_models: tuple[str, ...] = ()
+    """The models to load at start, comma-separated: ``all`` (every archive and model folder of the model store),
+    or ``[name=]location`` entries, relative to the model store. ``--models`` sets it. Ignored when a snapshot is
+    restored."""
     models: Mapping[str, Mapping[str, Mapping[str, object]]] = field(default_factory=dict)
+    """Per-model settings as JSON, in TorchServe's shape: ``{"name": {"version": {"minWorkers": 1, "maxWorkers":
+    1, "batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 120, "startupTimeout": 120, "jobQueueSize":
+    100}}}``. The model-config YAML and registration parameters take precedence."""
     default_workers_per_model: int = 1
+    """Workers a model gets when neither its registration (``initial_workers``) nor its model-config YAML
+    (``minWorkers``) says. TorchServe's default is 0 for registrations and one per CPU core (or GPU) for startup
+    models."""
     job_queue_size: int = 100
+    """Requests each model version may hold waiting for a worker; past that, requests are answered 503 with
+    ``Retry-After`` (queue full). ``jobQueueSize`` in a model-config YAML overrides it for that model."""
     default_response_timeout: float = 120.0
+    """Seconds a worker may take to answer one batch; then the batch is answered 504 and the worker is killed and
+    replaced. Per model: ``responseTimeout`` (model-config YAML) or ``response_timeout`` (registration)."""
     default_startup_timeout: float = 120.0
+    """Seconds a worker may take to start and load its model (the handler's ``initialize``) before the load fails.
+    Per model: ``startupTimeout`` or ``startup_timeout``."""
     unregister_model_timeout: float = 120.0
+    """Seconds an unregistered model keeps working through the requests already queued for it; whatever is left
+    then is answered 503."""
     drain_timeout: float = 30.0
+    """Seconds that SIGTERM (or SIGINT) leaves requests in flight and queued to finish, before the workers stop
+    and the server exits."""
     http_header_timeout: float = 10.0
+    """Seconds within which a request's line and headers must arrive, or the connection is closed (slow clients,
+    slow loris)."""
     http_body_timeout: float = 60.0
+    """Seconds within which a request's body must arrive once its headers have, or the connection is closed."""
     access_log: bool = True
+    """Log a line per request, in TorchServe's access-log layout."""
     log_format: str = "text"  # or "json"
+    """``text``, or ``json`` for one JSON object per log line."""
     max_request_size: int = 6553500
+    """The largest request body, in bytes; a larger one is answered 413 as soon as that is known."""
     max_response_size: int = 6553500
+    """The largest answer to one request, in bytes; a larger handler result is answered 500 naming the limit."""
     decode_input_request: bool = True
+    """Decode request values for the handler as TorchServe does (``application/json``: the parsed JSON,
+    ``text/*``: ``str``, else ``bytearray``); false passes every value as ``bytearray``."""
     number_of_gpu: int | None = None
+    """Use at most this many GPUs (default: every NVIDIA GPU visible, narrowed by ``CUDA_VISIBLE_DEVICES``); 0
+    runs every model on the CPU."""
     allowed_urls: tuple[str, ...] = ()  # no remote model URLs unless configured (TorchServe allows any)
+    """Comma-separated regular expressions; a model URL to register must fully match one. Empty, the default,
+    allows no remote URL (TorchServe's default allows any)."""
     token_expiration_min: float = 60.0
+    """Minutes the inference and management keys stay valid; ``/token`` rotates a key and restarts its clock."""
     max_download_size: int = 2**30
+    """The largest archive, in bytes, that registering a model from a URL downloads."""
     download_timeout: float = 300.0
+    """Seconds a model archive download may take."""
     disable_token_authorization: bool = False
+    """Serve without keys (``--disable-token-auth``). By default the keys are written to ``key_file.json``."""
     enable_model_api: bool = False
+    """Allow registering and unregistering models through the management API (``--enable-model-api``); without it
+    those answer 405."""
     snapshots: bool = True
+    """Write the registered models to a snapshot after every change and restore them at start; ``--ncs`` turns
+    this off. servekit's key (TorchServe has only the flag)."""
     log_location: Path = Path("logs")
+    """Where the log of a background start (``servekit.log``) and the snapshots (``config/``) go. Set only by the
+    ``LOG_LOCATION`` environment variable, not by a key."""
     raw: Mapping[str, str] = field(default_factory=dict)
+    """Every key and value as read, the unused ones included; internal."""
 
 
 _INT_KEYS = (
