@@ -19,8 +19,8 @@ serve: $(STAMP)
 	$(BIN)/servekit start --foreground --model-store model_store --models all --ts-config configs/config.properties
 
 lint: $(STAMP)
-	$(BIN)/ruff check servekit tests handlers benchmarks
-	$(BIN)/ruff format --check servekit tests handlers benchmarks
+	$(BIN)/ruff check servekit tests handlers benchmarks docs
+	$(BIN)/ruff format --check servekit tests handlers benchmarks docs
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

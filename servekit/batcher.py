@@ -187,6 +187,10 @@ class Batcher(Generic[W]):
         self._observer.batch(len(batch), result.handler_ms, roundtrip_ms, result.metrics)
         outcome = result.outcome
         if isinstance(outcome, Failure):
+            if outcome.traceback and outcome.status >= 500:  # the handler's own error: its traceback is the clue
+                logger.error(
+                    "model %s: the handler failed a batch of %d\n%s", self.model, len(batch), outcome.traceback
+                )
             self._fail(batch, HandlerError(failure_message(self.model, outcome), outcome.status))
             return
         for pending, response in zip(batch, outcome, strict=True):

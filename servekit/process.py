@@ -126,6 +126,8 @@ class WorkerProcess:
             ) from None
         if header.get("op") == "failure":
             failure = protocol.decode_failure(header)
+            if failure.traceback:
+                logger.error("worker %s could not load the model:\n%s", self.name, failure.traceback)
             await self.kill()
             raise HandlerError(f"Failed to load model {self.command.model_name}: {failure.kind}: {failure.message}")
         if header.get("input_schema") is not None:

@@ -128,6 +128,13 @@ async def load_startup_models(registry: ModelRegistry) -> None:
         await asyncio.gather(*(load_model(registry, *entry) for entry in startup_models(settings)))
 
 
+async def serve_port(server: _Server) -> None:
+    """One port's uvicorn server; uvicorn exits the process when it cannot bind, this returns instead (the error
+    is already logged) so that ``serve`` can stop the others and clean up."""
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
 async def serve(settings: Settings) -> int:
     def save_snapshot() -> None:
         if settings.snapshots and not registry.starting:
@@ -190,13 +197,14 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    tasks = [asyncio.create_task(serve_port(s)) for s in servers]
     while not all(s.started for s in servers):
         if any(t.done() for t in tasks):
             logger.error("could not bind the server ports")
             for s in servers:
                 s.should_exit = True
             await asyncio.gather(*tasks, return_exceptions=True)
+            cleanup()
             return 1
         await asyncio.sleep(0.02)
     pid_file().write_text(json.dumps({"pid": os.getpid(), "inference_address": str(settings.inference_address)}))

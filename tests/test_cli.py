@@ -87,7 +87,9 @@ def test_cli_start_fails_fast_when_port_is_taken(tmp_path: Path, store: Path) ->
         cfg = write_config(tmp_path / "config.properties", ports)
         result = run_cli(["start", "--model-store", str(store), "--models", "all", "--ts-config", str(cfg)], tmp_path)
     assert result.returncode == 1
-    assert "failed to start" in result.stdout
+    assert "failed to start (exit code 1)" in result.stdout
+    assert "address already in use" in result.stdout and "could not bind the server ports" in result.stdout
+    assert not (tmp_path / "key_file.json").exists()  # token auth was on: its key file is cleaned up
 
 
 def test_cli_start_rejects_bad_config_with_message(tmp_path: Path, store: Path) -> None:

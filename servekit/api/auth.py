@@ -56,7 +56,9 @@ class TokenStore:
             return
         others = [k for k in (*KINDS, "API") if k != kind]
         if key is not None and any(self._matches(k, key) for k in others):
-            raise ForbiddenError(f"This key is not valid for the {kind} API")
+            raise ForbiddenError(
+                f"This key is not valid for the {kind} API" if kind in KINDS else "This is not the API key"
+            )
         raise UnauthorizedError(FAILED)
 
     def rotate(self, kind: str, authorization: str | None) -> None:
