@@ -184,6 +184,10 @@ class Batcher(Generic[W]):
             self._fail(batch, exc)
             return
         roundtrip_ms = (time.perf_counter() - start) * 1000
+        if self._queue:
+            # The worker is free and requests wait: let the dispatcher hand it the next batch before answering
+            # these, so the worker does not idle while this batch's responses are written (W2: 22 % idle before).
+            await asyncio.sleep(0)
         self._observer.batch(len(batch), result.handler_ms, roundtrip_ms, result.metrics)
         outcome = result.outcome
         if isinstance(outcome, Failure):

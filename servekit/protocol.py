@@ -5,17 +5,19 @@ bodies, response payloads) back to back; the header lists their lengths under ``
 therefore cross the boundary as raw bytes, never re-encoded. The front end decodes every frame from a
 worker with ``decode``, which checks every length before use and raises ``ProtocolError``.
 
-Standard library only; no asyncio (the worker imports this module).
+No asyncio (the worker imports this module); JSON by ``orjson``, several times faster than the standard library's
+on the headers of every frame.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import orjson
 
 from servekit.errors import ProtocolError
 
@@ -109,7 +111,7 @@ def encode(
     header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview] = ()
 ) -> list[bytes | bytearray | memoryview]:
     """The frame as a list of buffers, ready for ``writelines``/``sendmsg`` without joining them."""
-    head = json.dumps({**header, "parts": [len(p) for p in parts]}, separators=(",", ":")).encode()
+    head = orjson.dumps({**header, "parts": [len(p) for p in parts]})
     total = LENGTH.size + len(head) + sum(len(p) for p in parts)
     return [PREFIX.pack(total, len(head)), head, *parts]
 
@@ -122,8 +124,8 @@ def decode(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
     if head_len > len(body) - LENGTH.size:
         raise ProtocolError(f"header length {head_len} exceeds frame of {len(body)} bytes")
     try:
-        header = json.loads(body[LENGTH.size : LENGTH.size + head_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = orjson.loads(body[LENGTH.size : LENGTH.size + head_len])
+    except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     lengths = header.get("parts") if isinstance(header, dict) else None
     if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= 0 for n in lengths):

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from servekit import oip, protocol
 from servekit.errors import error_body
 from servekit.handler import DEFAULT_HANDLER, Context, EntryPoint, PredictionException, RequestProcessor, load_handler
@@ -35,6 +37,10 @@ def decode_value(value: bytes, content_type: str | None, decode: bool) -> Any:
     """TorchServe's input decoding: JSON for ``application/json``, ``str`` for ``text/*``, else ``bytearray``.
     Raises ``ValueError`` for a body that claims to be JSON but is not (TorchServe passes the raw bytes on)."""
     if decode and content_type == "application/json":
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            pass  # what orjson refuses and Python's json takes (NaN, Infinity, huge integers), or bad JSON
         try:
             return json.loads(value)
         except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, too deep, too many digits
@@ -61,7 +67,10 @@ def encode_value(value: Any) -> tuple[bytes, str | None]:
         buffer = io.BytesIO()
         torch.save(value, buffer)
         return buffer.getvalue(), "application/octet-stream"
-    return json.dumps(value, separators=(",", ":")).encode(), "application/json"
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS), "application/json"
+    except TypeError:  # what orjson cannot encode: integers over 64 bits, other types (json raises for those too)
+        return json.dumps(value, separators=(",", ":")).encode(), "application/json"
 
 
 Partial = Callable[[list[tuple[int, protocol.Response]]], None]
