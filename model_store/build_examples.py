@@ -83,9 +83,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build_mlp(work)
-        build_color_classifier(work)
-        build_color_segmenter(work)
-        build_color_detector(work)
+        imagenet = (IMAGENET_MEAN, IMAGENET_STD)
+        unit = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        landscape = ("landscape.png", draw_landscape(320, 240))
+        build_color_model(work, "image_classifier", "color_classifier", "ColorClassifier", COLORS, imagenet, landscape)
+        small = ("landscape.png", draw_landscape(64, 48))
+        build_color_model(work, "image_segmenter", "color_segmenter", "ColorSegmenter", COLORS, imagenet, small)
+        shapes = ("shapes.png", draw_shapes())
+        build_color_model(work, "object_detector", "color_detector", "ColorDetector", OBJECT_COLORS, unit, shapes)
         build_news_classifier(work)
         build_fahrenheit(work)
 
@@ -115,31 +120,28 @@ def build_mlp(work: Path) -> None:
     archive([*scripted, "--export-path", str(HERE), *common])
 
 
-def build_color_classifier(work: Path) -> None:
-    folder = EXAMPLES / "image_classifier"
-    model = load_model(folder, "ColorClassifier")
-    set_color_weights(model.score, COLORS, IMAGENET_MEAN, IMAGENET_STD)
-    write_labels(folder, COLORS)
-    draw_landscape(320, 240).save(folder / "landscape.png", optimize=False)
-    build_archive(work, folder, "color_classifier", model, "image_classifier", ["index_to_name.json"])
+Colors = list[tuple[str, tuple[int, int, int]]]
+Normalize = tuple[tuple[float, ...], tuple[float, ...]]
 
 
-def build_color_segmenter(work: Path) -> None:
-    folder = EXAMPLES / "image_segmenter"
-    model = load_model(folder, "ColorSegmenter")
-    set_color_weights(model.score, COLORS, IMAGENET_MEAN, IMAGENET_STD)
-    write_labels(folder, COLORS)
-    draw_landscape(64, 48).save(folder / "landscape.png", optimize=False)
-    build_archive(work, folder, "color_segmenter", model, "image_segmenter", ["index_to_name.json"])
-
-
-def build_color_detector(work: Path) -> None:
-    folder = EXAMPLES / "object_detector"
-    model = load_model(folder, "ColorDetector")
-    set_color_weights(model.score, OBJECT_COLORS, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    write_labels(folder, OBJECT_COLORS)
-    draw_shapes().save(folder / "shapes.png", optimize=False)
-    build_archive(work, folder, "color_detector", model, "object_detector", ["index_to_name.json"])
+def build_color_model(
+    work: Path,
+    handler: str,
+    name: str,
+    model_class: str,
+    colors: Colors,
+    normalize: Normalize,
+    image: tuple[str, Image.Image],
+) -> None:
+    """One of the colour examples (classifier, segmenter, detector): a 1x1 convolution whose weights score each
+    pixel against ``colors`` (inputs normalized by ``normalize``, a (mean, std) pair), its labels and sample image."""
+    folder = EXAMPLES / handler
+    model = load_model(folder, model_class)
+    set_color_weights(model.score, colors, *normalize)
+    write_labels(folder, colors)
+    sample_name, picture = image
+    picture.save(folder / sample_name, optimize=False)
+    build_archive(work, folder, name, model, handler, ["index_to_name.json"])
 
 
 def build_news_classifier(work: Path) -> None:

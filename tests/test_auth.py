@@ -122,6 +122,16 @@ def test_auth_ping_and_metrics_need_no_key(server: Server) -> None:
     assert httpx.get(server.metrics + "/metrics", timeout=10).status_code == 200
 
 
+def test_auth_api_description_and_its_swagger_page_need_no_key(server: Server) -> None:
+    for base in (server.inference, server.management, server.metrics):
+        description = httpx.get(base + "/api-description", timeout=10)
+        assert description.status_code == 200 and description.json()["openapi"].startswith("3.")
+        page = httpx.get(base + "/docs", timeout=10)
+        assert page.status_code == 200 and "swagger-ui" in page.text and "/api-description" in page.text
+    # the page is open, the API behind it is not
+    assert httpx.get(server.management + "/models", timeout=10).status_code == 401
+
+
 @pytest.mark.parametrize("kind", ["inference", "management"])
 def test_auth_token_rotates_a_key_with_the_api_key(server: Server, kind: str) -> None:
     def call(key: str) -> int:

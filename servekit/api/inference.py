@@ -23,7 +23,7 @@ from servekit.registry import ModelRegistry
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 PREFIX = "/predictions/"
-OPEN_PATHS = ("/ping", "/api-description", "/v2/health/live", "/v2/health/ready")
+OPEN_PATHS = ("/ping", "/api-description", "/docs", "/v2/health/live", "/v2/health/ready")
 logger = logging.getLogger("servekit.inference")
 
 
@@ -83,7 +83,7 @@ def create_inference_app(
     registry: ModelRegistry, metrics: Metrics, tokens: TokenStore | None = None
 ) -> tuple[ASGIApp, Predictions]:
     """The ASGI app of the port (behind its access log) and the ``/predictions`` route the protocol answers."""
-    app = FastAPI(title="servekit inference API", openapi_url="/api-description", docs_url=None, redoc_url=None)
+    app = FastAPI(title="servekit inference API", openapi_url="/api-description", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     limit = registry.settings.max_request_size
 

@@ -121,11 +121,11 @@ def local_archive(url: str, store: Path) -> Path:
 
 
 def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:
-    app = FastAPI(title="servekit management API", openapi_url=API_DESCRIPTION, docs_url=None, redoc_url=None)
+    app = FastAPI(title="servekit management API", openapi_url=API_DESCRIPTION, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     settings = registry.settings
     if tokens is not None:
-        app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION))
+        app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION, "/docs"))
 
         @app.api_route("/token", methods=["GET", "POST", "PUT"], openapi_extra=documented("type", required=("type",)))
         async def rotate_token(request: Request) -> JSONResponse:

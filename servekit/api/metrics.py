@@ -11,7 +11,7 @@ from servekit.metrics import Metrics
 
 
 def create_metrics_app(metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="servekit metrics API", openapi_url="/api-description", docs_url=None, redoc_url=None)
+    app = FastAPI(title="servekit metrics API", openapi_url="/api-description", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
 
     @app.get(
