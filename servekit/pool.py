@@ -81,18 +81,26 @@ class WorkerPool:
             self._waiters.append(future)
         return future
 
-    async def run(
-        self, worker: WorkerProcess, requests: list[protocol.Request], on_chunks: OnChunks | None = None
+    def send(self, worker: WorkerProcess, requests: list[protocol.Request]) -> None:
+        """Hand an acquired worker a batch; ``collect`` waits for its result."""
+        worker.send_batch(requests)
+
+    async def collect(
+        self, worker: WorkerProcess, n_requests: int, on_chunks: OnChunks | None = None
     ) -> protocol.BatchResult:
-        """Run one batch on an acquired worker, then give the worker back (or replace it if it died)."""
+        """The result of the batch last sent to ``worker``; if the worker died, it is replaced and the error
+        raised. The worker stays acquired: ``send`` it the next batch, or ``release`` it."""
         try:
-            outcome = await worker.run(requests, on_chunks)
+            outcome = await worker.receive_batch(n_requests, on_chunks)
         except ServekitError:
             self._on_death(worker)
             raise
         self._failures = 0
-        self.release(worker)
         return outcome
+
+    def keeps(self, worker: WorkerProcess) -> bool:
+        """Whether an acquired worker may take another batch before it is released (not when it retires)."""
+        return not (worker.retiring or self.closed)
 
     def release(self, worker: WorkerProcess) -> None:
         if worker.retiring or self.closed:

@@ -166,19 +166,25 @@ class WorkerProcess:
             logger.warning("worker %s of %s exited: %s", self.id, self.command.model_name, describe_exit(code))
             self._on_exit(self)
 
-    async def run(self, requests: list[protocol.Request], on_chunks: OnChunks | None = None) -> protocol.BatchResult:
-        """One batch; raises ``WorkerDiedError``/``ResponseTimeoutError`` after which the worker is dead. Chunks of
-        streamed responses go to ``on_chunks`` as they come; ``response_timeout`` bounds the wait for each frame."""
+    def send_batch(self, requests: list[protocol.Request]) -> None:
+        """Hand the worker a batch (one write, no wait); ``receive_batch`` then waits for its answers. A worker runs
+        one batch at a time, so at most one frame waits in the socket."""
+        assert self._writer is not None
+        self._writer.write(b"".join(protocol.encode_batch(requests)))
+
+    async def receive_batch(self, n_requests: int, on_chunks: OnChunks | None = None) -> protocol.BatchResult:
+        """The result of the batch of ``n_requests`` sent last; raises ``WorkerDiedError``/``ResponseTimeoutError``
+        after which the worker is dead. Chunks of streamed responses go to ``on_chunks`` as they come;
+        ``response_timeout`` bounds the wait for each frame."""
         try:
-            await self._send(protocol.encode_batch(requests))
             while True:
                 async with asyncio.timeout(self.settings.response_timeout):  # no extra task, unlike wait_for
-                    header, parts = await self._receive(len(requests))
+                    header, parts = await self._receive(n_requests)
                 if header.get("op") != "partial":
                     break
                 if on_chunks is None:
                     raise ProtocolError("streamed chunks where none were expected")
-                on_chunks(protocol.decode_partial(header, parts, len(requests)))
+                on_chunks(protocol.decode_partial(header, parts, n_requests))
         except TimeoutError:
             await self.kill()
             raise ResponseTimeoutError(
@@ -190,7 +196,7 @@ class WorkerProcess:
             reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
             raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
         try:
-            return protocol.decode_result(header, parts, len(requests))
+            return protocol.decode_result(header, parts, n_requests)
         except ProtocolError as exc:
             await self.kill()
             raise WorkerDiedError(f"Worker of model {self.command.model_name} sent a bad frame: {exc}") from None
