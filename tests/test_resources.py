@@ -68,5 +68,7 @@ def test_shutdown_is_bounded_by_the_drain_timeout_with_a_stuck_worker(tmp_path: 
         elapsed = time.monotonic() - start
         client.join(60)
     assert code == 0, server.log_text()[-2000:]
-    assert elapsed < drain + WORKER_EXIT_S + 2 + 3, elapsed  # drain, worker exit, reaping, and slack for the CI box
+    # not a speed check: without the bound, shutdown waits out the stuck batch (600 s) or response_timeout (900 s);
+    # the bound is drain + WORKER_EXIT_S + 2 s to reap, and a wide margin keeps a loaded machine from mattering
+    assert elapsed < drain + WORKER_EXIT_S + 2 + 30, elapsed
     assert statuses and statuses[0] != 200  # the stuck request was not answered as if it had succeeded
