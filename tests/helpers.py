@@ -162,6 +162,16 @@ def running_server(
         stop_process(process)
 
 
+@contextlib.contextmanager
+def serving_one(root: Path, name: str, handler_src: str, config: str | None = None) -> Iterator[Server]:
+    """A server (default arguments) on a fresh store holding one archived model, ``name``, with no weights."""
+    store = root / "store"
+    store.mkdir()
+    make_archive(store, name, handler_src, work=root / "work", config=config)
+    with running_server(root / "run", store) as server:
+        yield server
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

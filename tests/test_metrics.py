@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Server, make_archive, running_server
+from tests.helpers import Server, make_archive, running_server, serving_one
 
 HANDLER = """
 import time
@@ -47,11 +47,7 @@ class Counted:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("metrics")
-    store = root / "store"
-    store.mkdir()
-    make_archive(store, "m", HANDLER, work=root / "work", config="batchSize: 4\n")
-    with running_server(root / "run", store) as srv:
+    with serving_one(tmp_path_factory.mktemp("metrics"), "m", HANDLER, "batchSize: 4\n") as srv:
         yield srv
 
 

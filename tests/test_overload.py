@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import Server, make_archive, running_server
+from tests.helpers import Server, serving_one
 
 # Sleeps on request "slow"; every answer says how many requests the handler has seen so far.
 COUNTING_HANDLER = """
@@ -33,11 +33,7 @@ def handle(data, context):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("overload")
-    store = root / "store"
-    store.mkdir()
-    make_archive(store, "counting", COUNTING_HANDLER, work=root / "work", config="batchSize: 1\n")
-    with running_server(root / "run", store) as srv:
+    with serving_one(tmp_path_factory.mktemp("overload"), "counting", COUNTING_HANDLER, "batchSize: 1\n") as srv:
         yield srv
 
 
