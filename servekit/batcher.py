@@ -109,6 +109,18 @@ class Batcher(Generic[W]):
         """Requests waiting for a worker."""
         return len(self._queue)
 
+    def refusal(self) -> ServiceUnavailableError | None:
+        """Why a request would be refused now (unregistering, no worker, queue full), or ``None`` if it would be
+        queued: known before a request's body is read, so that the excess is refused cheaply."""
+        if self._closed:
+            return ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
+        reason = self._workers.unavailable()
+        if reason is not None:
+            return ServiceUnavailableError(f'Model "{self.model}" {reason}')
+        if len(self._queue) >= self.queue_size:
+            return QueueFullError(self.model, self.queue_size)
+        return None
+
     async def submit(
         self, request: Request, timeout_s: float | None = None, hooks: set[Callable[[], Any]] | None = None
     ) -> Response:
@@ -116,13 +128,9 @@ class Batcher(Generic[W]):
         ``timeout_s``, a request still queued after that many seconds fails with ``DeadlineExceededError``.
         While it waits, ``hooks`` (the connection's disconnect hooks) hold a callable that drops it: a client
         that goes away gets ``ClientDisconnectedError`` and its request never reaches a worker."""
-        if self._closed:
-            raise ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
-        reason = self._workers.unavailable()
-        if reason is not None:
-            raise ServiceUnavailableError(f'Model "{self.model}" {reason}')
-        if len(self._queue) >= self.queue_size:
-            raise QueueFullError(self.model, self.queue_size)
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         pending = Pending(request, loop.create_future(), time.perf_counter())
         self._queue.append(pending)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from servekit import logs
 from servekit.metrics import Metrics
 
 logger = logging.getLogger("servekit.access")
@@ -21,6 +23,7 @@ class AccessLog:
         self.app = app
         self.metrics = metrics
         self.log = log
+        self._write: Callable[[str], None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,16 +46,11 @@ class AccessLog:
     def done(self, scope: Scope, status: int, start: float) -> None:
         """Count a response and log it; for a route that answers ahead of this middleware."""
         self.metrics.response(status)
-        if self.log:
-            client = scope.get("client") or ("-", 0)
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            logger.info(
-                '/%s:%s "%s %s HTTP/%s" %d %.2fms',
-                client[0],
-                client[1],
-                scope["method"],
-                scope["path"],
-                scope.get("http_version", "1.1"),
-                status,
-                elapsed_ms,
-            )
+        if not self.log:
+            return
+        if self._write is None:  # resolved at the first line: logging is set up after the apps are built
+            self._write = logs.info_writer(logger) or logger.info
+        client = scope.get("client") or ("-", 0)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        method, path, version = scope["method"], scope["path"], scope.get("http_version", "1.1")
+        self._write(f'/{client[0]}:{client[1]} "{method} {path} HTTP/{version}" {status} {elapsed_ms:.2f}ms')

@@ -9,6 +9,8 @@ connection's disconnect hooks, ``servekit.api.http``).
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -35,6 +37,44 @@ FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"
 def header_map(scope: Scope) -> dict[str, str]:
     """The request's headers by lower-case name (the last of repeated ones), as a handler sees them."""
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A request id in UUID form (as TorchServe's): a per-process random prefix and a counter."""
+    p = _ID_PREFIX
+    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-{next(_id_counter):012x}"
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header by lower-case name (the first if repeated), without building the whole map."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class ShedLog:
+    """Requests refused for overload, logged as one line per model and second rather than one per request (under
+    overload there are thousands a second; each one's access line and metrics still count it)."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self._counts: dict[str, tuple[int, str]] = {}
+
+    def count(self, model: str, reason: str) -> None:
+        if not self._counts:
+            asyncio.get_running_loop().call_later(self.period_s, self._flush)
+        n, _ = self._counts.get(model, (0, reason))
+        self._counts[model] = (n + 1, reason)
+
+    def _flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for model, (n, reason) in counts.items():
+            logger.warning("model %s: refused %d requests in %g s: %s", model, n, self.period_s, reason)
 
 
 def request_timeout(headers: Mapping[str, str]) -> float | None:
@@ -111,7 +151,7 @@ async def run_request(
     """Read a request's inputs and queueing budget (``read``), queue them for ``model``, and answer: the shared
     path of every inference route. Counts and times it, logs a failure once with its request id, and sends
     ``x-request-id``."""
-    request_id = str(uuid.uuid4())
+    request_id = new_request_id()
     start = time.perf_counter()
     status = 500
     try:

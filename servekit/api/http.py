@@ -29,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 logger = logging.getLogger("servekit.http")
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
+Raw = tuple[int, list[tuple[bytes, bytes]], bytes]  # a response of ours, as written: status, headers, body
 
 
 def disconnect_hooks(scope: dict[str, Any] | Any) -> Hooks | None:
@@ -47,6 +48,26 @@ class DirectRoute(Protocol):
     async def __call__(self, scope: dict[str, Any], body: bytes) -> Response: ...
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response: ...
+
+    def refuse(self, scope: dict[str, Any]) -> Raw | None:
+        """An answer decided from the request's head alone (overload), or ``None`` to read the body and call."""
+
+
+class Pacing:
+    """How long connections refused for overload rest. Under overload a closed-loop client sends its next request
+    the moment it is refused, and an event loop that reads every ready connection in turn would spend itself on
+    refusals while the admitted requests and the worker's results wait behind them (issue 13). So a refused
+    connection is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the
+    refusal advised): all resting connections together come back at about ``rate`` a second, whatever their
+    number, and each refusal itself is still answered at once."""
+
+    def __init__(self, rate: float = 500.0, max_rest_s: float = 1.0) -> None:
+        self.rate = rate
+        self.max_rest_s = max_rest_s
+        self.resting = 0
+
+    def rest_s(self) -> float:
+        return min(self.max_rest_s, self.resting / self.rate)
 
 
 class _Exchange:
@@ -72,6 +93,8 @@ class HttpProtocol(HttpToolsProtocol):
     header_timeout = 10.0
     body_timeout = 60.0
     direct: DirectRoute | None = None
+    pacing: Pacing
+    _wake: asyncio.TimerHandle | None = None
     _deadline: asyncio.TimerHandle | None = None
     _hooks: Hooks
     _exchange: _Exchange | None = None
@@ -97,6 +120,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._end_rest()
         for hook in list(self._hooks):
             hook()
         super().connection_lost(exc)
@@ -128,6 +152,29 @@ class HttpProtocol(HttpToolsProtocol):
         declared = next((v for k, v in self.headers if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.direct.limit:
             self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
+            return
+        refusal = self.direct.refuse(scope)
+        if refusal is not None:  # the body that follows is skipped (``on_body``)
+            exchange.response_complete = True
+            if self._write_head(exchange, *refusal, checked=True):
+                self._finish(exchange)
+                self._rest()
+
+    def _rest(self) -> None:
+        """Read nothing more from this connection for a while (``Pacing``)."""
+        if self.transport.is_closing() or self._wake is not None:
+            return
+        self.pacing.resting += 1
+        self.flow.pause_reading()
+        self._wake = self.loop.call_later(self.pacing.rest_s(), self._end_rest)
+
+    def _end_rest(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+            self.pacing.resting -= 1
+            if not self.transport.is_closing():
+                self.flow.resume_reading()
 
     def on_body(self, body: bytes) -> None:
         exchange = self._exchange
@@ -195,13 +242,19 @@ class HttpProtocol(HttpToolsProtocol):
             self._finish(exchange)
 
     def _write_head(
-        self, exchange: _Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes | memoryview = b""
+        self,
+        exchange: _Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | memoryview = b"",
+        checked: bool = False,
     ) -> bool:
-        """Write the status line and headers (and ``body``, in the same write); ``False`` if the client is gone."""
+        """Write the status line and headers (and ``body``, in the same write); ``False`` if the client is gone.
+        Headers are checked for what HTTP forbids in them unless ``checked`` (headers of our own)."""
         if exchange.disconnected or self.transport.is_closing():
             return False
         headers = [*self.server_state.default_headers, *headers]
-        if any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
+        if not checked and any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
             logger.error("a response header is not valid HTTP; answering 500 instead")
             status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
         content: list[bytes | memoryview] = [STATUS_LINE[status]]
@@ -225,5 +278,5 @@ class HttpProtocol(HttpToolsProtocol):
 
 def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRoute | None = None) -> type[HttpProtocol]:
     """An ``HttpProtocol`` with these deadlines and direct route, for ``uvicorn.Config(http=...)``."""
-    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "direct": direct}
+    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "direct": direct, "pacing": Pacing()}
     return type("ServekitHttpProtocol", (HttpProtocol,), attributes)
