@@ -37,6 +37,7 @@ from servekit.protocol import BatchResult, Failure, MetricRecord, Request, Respo
 
 logger = logging.getLogger("servekit.batcher")
 W = TypeVar("W")
+REFUSAL_LOG_S = 1.0
 
 
 class Workers(Protocol[W]):
@@ -102,6 +103,8 @@ class Batcher(Generic[W]):
         self._arrival = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._refused = 0  # refusals since the last log line
+        self._refusal = ""
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
     @property
@@ -110,16 +113,29 @@ class Batcher(Generic[W]):
         return len(self._queue)
 
     def refusal(self) -> ServiceUnavailableError | None:
-        """Why a request would be refused now (unregistering, no worker, queue full), or ``None`` if it would be
-        queued: known before a request's body is read, so that the excess is refused cheaply."""
+        """Why a request is refused now (unregistering, no worker, queue full), or ``None`` if it would be queued:
+        known before a request's body is read, so that the excess is refused cheaply. Refusals are logged here, one
+        line per second (under overload there are thousands a second; each still has its access-log line)."""
         if self._closed:
-            return ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
-        reason = self._workers.unavailable()
-        if reason is not None:
-            return ServiceUnavailableError(f'Model "{self.model}" {reason}')
-        if len(self._queue) >= self.queue_size:
-            return QueueFullError(self.model, self.queue_size)
-        return None
+            error = ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
+        elif (reason := self._workers.unavailable()) is not None:
+            error = ServiceUnavailableError(f'Model "{self.model}" {reason}')
+        elif len(self._queue) >= self.queue_size:
+            error = QueueFullError(self.model, self.queue_size)
+        else:
+            return None
+        if not self._refused:
+            asyncio.get_running_loop().call_later(REFUSAL_LOG_S, self._log_refusals)
+        self._refused += 1
+        self._refusal = error.message
+        error.logged = True
+        return error
+
+    def _log_refusals(self) -> None:
+        logger.warning(
+            "model %s: refused %d requests in %g s: %s", self.model, self._refused, REFUSAL_LOG_S, self._refusal
+        )
+        self._refused = 0
 
     async def submit(
         self, request: Request, timeout_s: float | None = None, hooks: set[Callable[[], Any]] | None = None

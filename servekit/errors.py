@@ -37,6 +37,7 @@ class ServekitError(Exception):
 
     status_code = 500
     code = "internal_error"
+    logged = False  # already logged where it was raised (a refusal for overload, summarized per model and second)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

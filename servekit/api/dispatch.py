@@ -9,7 +9,6 @@ connection's disconnect hooks, ``servekit.api.http``).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
@@ -55,26 +54,6 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-class ShedLog:
-    """Requests refused for overload, logged as one line per model and second rather than one per request (under
-    overload there are thousands a second; each one's access line and metrics still count it)."""
-
-    def __init__(self, period_s: float = 1.0) -> None:
-        self.period_s = period_s
-        self._counts: dict[str, tuple[int, str]] = {}
-
-    def count(self, model: str, reason: str) -> None:
-        if not self._counts:
-            asyncio.get_running_loop().call_later(self.period_s, self._flush)
-        n, _ = self._counts.get(model, (0, reason))
-        self._counts[model] = (n + 1, reason)
-
-    def _flush(self) -> None:
-        counts, self._counts = self._counts, {}
-        for model, (n, reason) in counts.items():
-            logger.warning("model %s: refused %d requests in %g s: %s", model, n, self.period_s, reason)
 
 
 def request_timeout(headers: Mapping[str, str]) -> float | None:
@@ -163,9 +142,10 @@ async def run_request(
         status = result.status
     except ServekitError as exc:
         status = exc.status_code
-        level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.WARNING
-        extra = {"request_id": request_id, "model": model.name}
-        logger.log(level, "request %s to model %s: %d %s", request_id, model.name, status, exc.message, extra=extra)
+        if not exc.logged:
+            level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.WARNING
+            extra = {"request_id": request_id, "model": model.name}
+            logger.log(level, "request %s to model %s: %d %s", request_id, model.name, status, exc.message, extra=extra)
         return render_error(exc, {**exc.headers, "x-request-id": request_id})
     finally:
         model.metrics.request(url_version, status, time.perf_counter() - start)

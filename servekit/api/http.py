@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,8 +50,9 @@ class DirectRoute(Protocol):
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response: ...
 
-    def refuse(self, scope: dict[str, Any]) -> Raw | None:
-        """An answer decided from the request's head alone (overload), or ``None`` to read the body and call."""
+    def refuse(self, scope: dict[str, Any], retry_after_s: int) -> Raw | None:
+        """An answer decided from the request's head alone (overload), or ``None`` to read the body and call; a
+        refusal advises ``Retry-After: retry_after_s``, the time its connection will rest."""
 
 
 class Pacing:
@@ -61,13 +63,41 @@ class Pacing:
     refusal advised): all resting connections together come back at about ``rate`` a second, whatever their
     number, and each refusal itself is still answered at once."""
 
-    def __init__(self, rate: float = 500.0, max_rest_s: float = 1.0) -> None:
+    def __init__(self, rate: float = 400.0, max_rest_s: float = 2.0, tick_s: float = 0.05) -> None:
         self.rate = rate
         self.max_rest_s = max_rest_s
+        self.tick_s = tick_s
         self.resting = 0
 
-    def rest_s(self) -> float:
-        return min(self.max_rest_s, self.resting / self.rate)
+    def wake_at(self, now: float) -> float:
+        """When a connection that starts resting at ``now`` is read again: on a ``tick`` boundary, so that the
+        connections waking together are read in one turn of the event loop rather than one turn each."""
+        rest = min(self.max_rest_s, self.resting / self.rate)
+        return math.ceil((now + rest) / self.tick_s) * self.tick_s
+
+
+class Deadlines:
+    """The read deadlines of a port's connections, checked by one sweep every ``period_s`` rather than by a timer
+    armed and cancelled two or three times per request."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._watched: set[HttpProtocol] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def watch(self, connection: HttpProtocol) -> None:
+        self._watched.add(connection)
+        if self._sweep is None:
+            self._sweep = connection.loop.call_later(self.period_s, self._check, connection.loop)
+
+    def forget(self, connection: HttpProtocol) -> None:
+        self._watched.discard(connection)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for connection in list(self._watched):
+            connection.expire(now)
+        self._sweep = loop.call_later(self.period_s, self._check, loop) if self._watched else None
 
 
 class _Exchange:
@@ -95,31 +125,31 @@ class HttpProtocol(HttpToolsProtocol):
     direct: DirectRoute | None = None
     pacing: Pacing
     _wake: asyncio.TimerHandle | None = None
-    _deadline: asyncio.TimerHandle | None = None
+    deadlines: Deadlines
+    _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
     _exchange: _Exchange | None = None
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._expired)
+        self._deadline = self.loop.time() + seconds
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self) -> None:
         self._deadline = None
-        if not self.transport.is_closing():
+
+    def expire(self, now: float) -> None:
+        """Close the connection if its read deadline has passed (``Deadlines`` calls this)."""
+        if self._deadline is not None and now >= self._deadline and not self.transport.is_closing():
+            self._deadline = None
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._hooks = set()
         self._arm(self.header_timeout)
+        self.deadlines.watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self.deadlines.forget(self)
         self._end_rest()
         for hook in list(self._hooks):
             hook()
@@ -139,34 +169,38 @@ class HttpProtocol(HttpToolsProtocol):
         method = self.parser.get_method().decode("ascii")
         path = self.url.partition(b"?")[0].decode("latin-1")
         busy = self.cycle is not None and not self.cycle.response_complete
-        if busy or "%" in path or not self.direct.matches(method, path):
+        if busy or "%" in path:
             super().on_headers_complete()
             return
         http_version = self.parser.get_http_version()
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
+        wake = self.pacing.wake_at(self.loop.time())
+        refusal = self.direct.refuse(scope, math.ceil(wake - self.loop.time()))  # any inference route
+        if refusal is None and not self.direct.matches(method, path):
+            super().on_headers_complete()
+            return
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
         self._exchange = exchange = _Exchange(keep_alive)
         self.cycle = exchange  # type: ignore[assignment]
-        declared = next((v for k, v in self.headers if k == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > self.direct.limit:
-            self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
-            return
-        refusal = self.direct.refuse(scope)
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
             if self._write_head(exchange, *refusal, checked=True):
                 self._finish(exchange)
-                self._rest()
+                self._rest(wake)
+            return
+        declared = next((v for k, v in self.headers if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.direct.limit:
+            self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
 
-    def _rest(self) -> None:
-        """Read nothing more from this connection for a while (``Pacing``)."""
+    def _rest(self, wake: float | None = None) -> None:
+        """Read nothing more from this connection until ``wake`` (loop time; by default as ``Pacing`` says)."""
         if self.transport.is_closing() or self._wake is not None:
             return
         self.pacing.resting += 1
         self.flow.pause_reading()
-        self._wake = self.loop.call_later(self.pacing.rest_s(), self._end_rest)
+        self._wake = self.loop.call_at(wake or self.pacing.wake_at(self.loop.time()), self._end_rest)
 
     def _end_rest(self) -> None:
         if self._wake is not None:
@@ -204,11 +238,15 @@ class HttpProtocol(HttpToolsProtocol):
         self.tasks.add(task)
 
     async def _run(self, exchange: _Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
+        if exchange.disconnected:  # the client left right after sending (e.g. while its connection rested)
+            return
         response = await route(scope, body)
         if isinstance(response, StreamingResponse):
             await self._stream(exchange, response)
-        else:
-            self._answer(exchange, response)
+            return
+        self._answer(exchange, response)
+        if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
+            self._rest()
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
@@ -278,5 +316,11 @@ class HttpProtocol(HttpToolsProtocol):
 
 def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRoute | None = None) -> type[HttpProtocol]:
     """An ``HttpProtocol`` with these deadlines and direct route, for ``uvicorn.Config(http=...)``."""
-    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "direct": direct, "pacing": Pacing()}
+    attributes = {
+        "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
+        "direct": direct,
+        "pacing": Pacing(),
+        "deadlines": Deadlines(min(1.0, header_timeout / 5, body_timeout / 5)),
+    }
     return type("ServekitHttpProtocol", (HttpProtocol,), attributes)

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
@@ -14,7 +15,6 @@ from starlette.types import ASGIApp, Scope
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.dispatch import (
-    ShedLog,
     header,
     header_map,
     new_request_id,
@@ -33,8 +33,26 @@ from servekit.registry import ModelRegistry
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 PREFIX = "/predictions/"
+V2_PREFIX = "/v2/models/"
+V1_PREFIX = "/v1/models/"
 OPEN_PATHS = ("/ping", "/api-description", "/docs", "/v2/health/live", "/v2/health/ready")
 logger = logging.getLogger("servekit.inference")
+
+
+def inference_target(method: str, path: str) -> tuple[str, str, bool] | None:
+    """The model name and version (empty: the default) an inference request is for, and whether it speaks the Open
+    Inference Protocol or KServe v1 (whose errors are ``{"error": ...}``); ``None`` for any other request."""
+    if path.startswith(PREFIX):
+        name, _, version = path[len(PREFIX) :].partition("/")
+        return (name, version, False) if method in ANY_METHOD else None
+    if method != "POST":
+        return None
+    if path.startswith(V2_PREFIX) and path.endswith("/infer"):
+        name, _, version = path[len(V2_PREFIX) : -len("/infer")].partition("/versions/")
+        return name, version, True
+    if path.startswith(V1_PREFIX) and path.endswith(":predict"):
+        return path[len(V1_PREFIX) : -len(":predict")], "", True
+    return None
 
 
 class Predictions:
@@ -49,8 +67,7 @@ class Predictions:
         self.tokens = tokens
         self.access = access
         self.limit = registry.settings.max_request_size
-        self.shed = ShedLog()
-        self._refusals: dict[str, bytes] = {}  # error body by message
+        self._refusals: dict[tuple[str, bool], bytes] = {}  # error bodies by message and protocol
 
     def matches(self, method: str, path: str) -> bool:
         if not path.startswith(PREFIX) or method not in ANY_METHOD:
@@ -64,12 +81,15 @@ class Predictions:
         self.access.done(scope, response.status_code, start)
         return response
 
-    def refuse(self, scope: dict[str, Any]) -> Raw | None:
+    def refuse(self, scope: dict[str, Any], retry_after_s: int) -> Raw | None:
         """The 503 for a request that cannot be queued now (queue full, no worker, unregistering), decided from its
         head: the body is never parsed and the refusal costs a fraction of a served request, so that under overload
         the front end's time goes to the requests it serves. ``None`` when the request may be queued, or is not for
         a known model with a valid key (the full path answers those)."""
-        name, _, version = scope["path"][len(PREFIX) :].partition("/")
+        target = inference_target(scope["method"], scope["path"])
+        if target is None:
+            return None
+        name, version, oip = target
         try:
             if self.tokens is not None:
                 self.tokens.check("inference", header(scope, b"authorization"))
@@ -80,17 +100,23 @@ class Predictions:
         if error is None:
             return None
         start = time.perf_counter()
-        self.shed.count(model.name, error.message)
         model.metrics.request(version or "default", error.status_code, 0.0)
         self.access.done(scope, error.status_code, start)
-        body = self._refusals.get(error.message)
+        body = self._refusals.get((error.message, oip))
         if body is None:
             if len(self._refusals) > 1000:  # messages name models: bounded like the models themselves
                 self._refusals.clear()
-            body = self._refusals[error.message] = error_body(error.status_code, type(error).__name__, error.message)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        return error.status_code, [*headers, (b"x-request-id", new_request_id().encode())], body
+            body = (
+                orjson.dumps({"error": error.message}) if oip else error_body(503, type(error).__name__, error.message)
+            )
+            self._refusals[error.message, oip] = body
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(max(1, retry_after_s)).encode()),
+            (b"x-request-id", new_request_id().encode()),
+        ]
+        return error.status_code, headers, body
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response:
         exc = RequestTooLargeError(size, self.limit)
