@@ -4,7 +4,11 @@ hooks, and a direct route that answers a request without going through ASGI.
 Deadlines: uvicorn has no deadline for reading a request, so a client that trickles its headers or body (slow
 loris) holds a connection forever. Here a connection is closed when a request's head has not fully arrived within
 ``header_timeout`` seconds (counted from the connection's start or the request's first byte) or its body within
-``body_timeout`` seconds after the head. Idle keep-alive connections keep uvicorn's own timeout.
+``body_timeout`` seconds after the head (checked by one sweep per port, ``Deadlines``). Idle keep-alive connections
+keep uvicorn's own timeout.
+
+Overload: every inference request's head is offered to the route's ``refuse`` before its body is read; a request the
+model cannot queue is answered 503 there, and its connection then rests (``Pacing``, issue 13).
 
 Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
 when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
