@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -62,20 +63,45 @@ class DirectRoute(Protocol):
 class Pacing:
     """How long connections refused for overload rest. Under overload a closed-loop client sends its next request
     the moment it is refused, and an event loop that reads every ready connection in turn would spend itself on
-    refusals while the admitted requests and the worker's results wait behind them (issue 13). So a refused
-    connection is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the
-    refusal advised): all resting connections together come back at about ``rate`` a second, whatever their
-    number, and each refusal itself is still answered at once."""
+    refusals while the admitted requests and the worker's results wait behind them (issue 13). So while the front
+    end is saturated (its process used at least ``busy`` of a core over the last ``window_s``), a refused connection
+    is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the refusal
+    advised): all resting connections together come back at about ``rate`` a second, whatever their number. While
+    it has time to spare (a model bound by its worker, not by the front end), refusals cost nothing that matters and
+    a refused connection is read again at once. Each refusal itself is answered at once either way."""
 
-    def __init__(self, rate: float = 400.0, max_rest_s: float = 2.0, tick_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        rate: float = 400.0,
+        max_rest_s: float = 2.0,
+        tick_s: float = 0.05,
+        busy: float = 0.85,
+        window_s: float = 0.1,
+    ) -> None:
         self.rate = rate
         self.max_rest_s = max_rest_s
         self.tick_s = tick_s
+        self.busy = busy
+        self.window_s = window_s
         self.resting = 0
+        self._since = time.monotonic()
+        self._cpu = time.process_time()
+        self._saturated = False
 
-    def wake_at(self, now: float) -> float:
-        """When a connection that starts resting at ``now`` is read again: on a ``tick`` boundary, so that the
-        connections waking together are read in one turn of the event loop rather than one turn each."""
+    def saturated(self) -> bool:
+        """Whether the front end's process was busy at least ``busy`` of the time over the last window."""
+        now = time.monotonic()
+        if now - self._since >= self.window_s:
+            cpu = time.process_time()
+            self._saturated = (cpu - self._cpu) / (now - self._since) >= self.busy
+            self._since, self._cpu = now, cpu
+        return self._saturated
+
+    def wake_at(self, now: float) -> float | None:
+        """When a connection refused at ``now`` (loop time) is read again, or ``None`` for at once. Wake times fall on
+        ``tick_s`` boundaries, so that connections waking together are read in one turn of the event loop."""
+        if not self.saturated():
+            return None
         rest = min(self.max_rest_s, self.resting / self.rate)
         return math.ceil((now + rest) / self.tick_s) * self.tick_s
 
@@ -180,8 +206,9 @@ class HttpProtocol(HttpToolsProtocol):
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
-        wake = self.pacing.wake_at(self.loop.time())
-        refusal = self.direct.refuse(scope, math.ceil(wake - self.loop.time()))  # any inference route
+        now = self.loop.time()
+        wake = self.pacing.wake_at(now)
+        refusal = self.direct.refuse(scope, 1 if wake is None else math.ceil(wake - now))  # any inference route
         if refusal is None and not self.direct.matches(method, path):
             super().on_headers_complete()
             return
@@ -198,13 +225,13 @@ class HttpProtocol(HttpToolsProtocol):
         if declared.isdigit() and int(declared) > self.direct.limit:
             self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
 
-    def _rest(self, wake: float | None = None) -> None:
-        """Read nothing more from this connection until ``wake`` (loop time; by default as ``Pacing`` says)."""
-        if self.transport.is_closing() or self._wake is not None:
+    def _rest(self, wake: float | None) -> None:
+        """Read nothing more from this connection until ``wake`` (loop time; ``None``: go on reading)."""
+        if wake is None or self.transport.is_closing() or self._wake is not None:
             return
         self.pacing.resting += 1
         self.flow.pause_reading()
-        self._wake = self.loop.call_at(wake or self.pacing.wake_at(self.loop.time()), self._end_rest)
+        self._wake = self.loop.call_at(wake, self._end_rest)
 
     def _end_rest(self) -> None:
         if self._wake is not None:
@@ -250,7 +277,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._answer(exchange, response)
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
-            self._rest()
+            self._rest(self.pacing.wake_at(self.loop.time()))
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
