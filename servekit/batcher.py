@@ -38,6 +38,7 @@ from servekit.protocol import BatchResult, Failure, MetricRecord, Request, Respo
 logger = logging.getLogger("servekit.batcher")
 W = TypeVar("W")
 REFUSAL_LOG_S = 1.0
+PIPELINE = 2  # batches a busy worker holds while requests wait: the one it runs and the next
 
 
 class Workers(Protocol[W]):
@@ -209,27 +210,45 @@ class Batcher(Generic[W]):
         return batch
 
     async def _execute(self, worker: W, batch: list[Pending]) -> None:
-        """Run ``batch`` on ``worker``, then the next batches while requests wait: each is sent before the previous
-        one's responses are written, so the worker does not idle meanwhile, and without a round through the
-        dispatcher, which under overload costs an event-loop iteration per step (the worker then starved)."""
-        start = time.perf_counter()
+        """Run ``batch`` on ``worker``, then the next batches while requests wait, without a round through the
+        dispatcher. While requests wait, the worker holds ``PIPELINE`` batches: the one it runs and the next, sent
+        before the first one's result is read, so that it starts the next the moment it is done, however busy the
+        event loop is (under overload one turn of the loop can outlast a batch: issue 13). Batches queued behind the
+        one that lost the worker never ran: they go back to the head of the queue."""
+        sent = time.perf_counter()
+        inflight = collections.deque([(batch, sent)])
         self._workers.send(worker, [p.request for p in batch])
-        while True:
+        while inflight:
+            self._refill(worker, inflight)
+            head, sent = inflight[0]
             try:
-                result = await self._workers.collect(worker, len(batch), functools.partial(self._stream, batch))
+                result = await self._workers.collect(worker, len(head), functools.partial(self._stream, head))
             except ServekitError as exc:
-                self._fail(batch, exc)
+                self._fail(head, exc)
+                for later, _ in list(inflight)[1:]:
+                    self._requeue(later)
                 return  # the pool replaces the worker
-            roundtrip_ms = (time.perf_counter() - start) * 1000
-            following = self._take_batch() if self._queue and self._workers.keeps(worker) else []
-            if following:
-                start = time.perf_counter()
-                self._workers.send(worker, [p.request for p in following])
-            self._answer(batch, result, roundtrip_ms)
-            if not following:
-                self._workers.release(worker)
+            done = time.perf_counter()
+            inflight.popleft()
+            if inflight:  # the next batch started when this one ended, not when it was sent
+                inflight[0] = (inflight[0][0], done)
+            self._refill(worker, inflight)  # before this batch's responses are written
+            self._answer(head, result, (done - sent) * 1000)
+        self._workers.release(worker)
+
+    def _refill(self, worker: W, inflight: collections.deque[tuple[list[Pending], float]]) -> None:
+        while len(inflight) < PIPELINE and self._queue and self._workers.keeps(worker):
+            batch = self._take_batch()
+            if not batch:
                 return
-            batch = following
+            self._workers.send(worker, [p.request for p in batch])
+            inflight.append((batch, time.perf_counter()))
+
+    def _requeue(self, batch: list[Pending]) -> None:
+        for pending in reversed(batch):
+            if not pending.future.done():
+                self._queue.appendleft(pending)
+        self._arrival.set()
 
     def _answer(self, batch: list[Pending], result: BatchResult, roundtrip_ms: float) -> None:
         self._observer.batch(len(batch), result.handler_ms, roundtrip_ms, result.metrics)

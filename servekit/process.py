@@ -167,8 +167,8 @@ class WorkerProcess:
             self._on_exit(self)
 
     def send_batch(self, requests: list[protocol.Request]) -> None:
-        """Hand the worker a batch (one write, no wait); ``receive_batch`` then waits for its answers. A worker runs
-        one batch at a time, so at most one frame waits in the socket."""
+        """Hand the worker a batch (one write, no wait); ``receive_batch`` then waits for its answers, in the order
+        the batches were sent. A worker runs one batch at a time; the next may wait in the socket meanwhile."""
         assert self._writer is not None
         self._writer.write(b"".join(protocol.encode_batch(requests)))
 

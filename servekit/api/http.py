@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -55,55 +54,49 @@ class DirectRoute(Protocol):
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response: ...
 
-    def refuse(self, scope: dict[str, Any], retry_after_s: int) -> Raw | None:
-        """An answer decided from the request's head alone (overload), or ``None`` to read the body and call; a
-        refusal advises ``Retry-After: retry_after_s``, the time its connection will rest."""
+    def refuse(self, scope: dict[str, Any]) -> Raw | None:
+        """An answer decided from the request's head alone (overload), or ``None`` to read the body and call."""
 
 
 class Pacing:
     """How long connections refused for overload rest. Under overload a closed-loop client sends its next request
-    the moment it is refused, and an event loop that reads every ready connection in turn would spend itself on
-    refusals while the admitted requests and the worker's results wait behind them (issue 13). So while the front
-    end is saturated (its process used at least ``busy`` of a core over the last ``window_s``), a refused connection
-    is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the refusal
-    advised): all resting connections together come back at about ``rate`` a second, whatever their number. While
-    it has time to spare (a model bound by its worker, not by the front end), refusals cost nothing that matters and
-    a refused connection is read again at once. Each refusal itself is answered at once either way."""
+    the moment it is refused, and an event loop that reads every ready connection in turn spends itself on refusals
+    while the admitted requests and the workers' results wait behind them (issue 13). So while the loop is congested
+    (a timer checked every ``probe_s`` fired more than ``lag_s`` late within the last ``hold_s``), a refused
+    connection is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the
+    refusal advised): all resting connections together come back at about ``rate`` a second, whatever their number.
+    While the loop keeps up (a model bound by its worker, refusals at a rate the front end absorbs), a refused
+    connection is read again at once. Each refusal itself is answered at once either way."""
 
-    def __init__(
-        self,
-        rate: float = 400.0,
-        max_rest_s: float = 2.0,
-        tick_s: float = 0.05,
-        busy: float = 0.85,
-        window_s: float = 0.1,
-    ) -> None:
-        self.rate = rate
-        self.max_rest_s = max_rest_s
-        self.tick_s = tick_s
-        self.busy = busy
-        self.window_s = window_s
+    rate = 400.0
+    max_rest_s = 2.0
+    tick_s = 0.05  # wake times fall on these boundaries: connections waking together are read in one loop turn
+    probe_s = 0.025
+    lag_s = 0.005
+    hold_s = 0.5
+
+    def __init__(self) -> None:
         self.resting = 0
-        self._since = time.monotonic()
-        self._cpu = time.process_time()
-        self._saturated = False
+        self._congested_until = 0.0
+        self._probe: asyncio.TimerHandle | None = None
+        self._last_refusal = 0.0
 
-    def saturated(self) -> bool:
-        """Whether the front end's process was busy at least ``busy`` of the time over the last window."""
-        now = time.monotonic()
-        if now - self._since >= self.window_s:
-            cpu = time.process_time()
-            self._saturated = (cpu - self._cpu) / (now - self._since) >= self.busy
-            self._since, self._cpu = now, cpu
-        return self._saturated
-
-    def wake_at(self, now: float) -> float | None:
-        """When a connection refused at ``now`` (loop time) is read again, or ``None`` for at once. Wake times fall on
-        ``tick_s`` boundaries, so that connections waking together are read in one turn of the event loop."""
-        if not self.saturated():
+    def wake_at(self, loop: asyncio.AbstractEventLoop) -> float | None:
+        """When a connection refused now is read again (loop time), or ``None`` for at once."""
+        now = self._last_refusal = loop.time()
+        if self._probe is None:
+            self._probe = loop.call_at(now + self.probe_s, self._check, loop, now + self.probe_s)
+        if now >= self._congested_until:
             return None
         rest = min(self.max_rest_s, self.resting / self.rate)
         return math.ceil((now + rest) / self.tick_s) * self.tick_s
+
+    def _check(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        now = loop.time()
+        if now - due > self.lag_s:
+            self._congested_until = now + self.hold_s
+        quiet = now - self._last_refusal > 1.0 and self.resting == 0
+        self._probe = None if quiet else loop.call_at(now + self.probe_s, self._check, loop, now + self.probe_s)
 
 
 class Deadlines:
@@ -206,9 +199,7 @@ class HttpProtocol(HttpToolsProtocol):
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
-        now = self.loop.time()
-        wake = self.pacing.wake_at(now)
-        refusal = self.direct.refuse(scope, 1 if wake is None else math.ceil(wake - now))  # any inference route
+        refusal = self.direct.refuse(scope)  # any inference route
         if refusal is None and not self.direct.matches(method, path):
             super().on_headers_complete()
             return
@@ -217,7 +208,12 @@ class HttpProtocol(HttpToolsProtocol):
         self.cycle = exchange  # type: ignore[assignment]
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
-            if self._write_head(exchange, *refusal, checked=True):
+            status, headers, body = refusal
+            wake = self.pacing.wake_at(self.loop)
+            if wake is not None:  # Retry-After: how long the connection rests
+                retry_after = str(math.ceil(wake - self.loop.time())).encode()
+                headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
+            if self._write_head(exchange, status, headers, body, checked=True):
                 self._finish(exchange)
                 self._rest(wake)
             return
@@ -277,7 +273,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._answer(exchange, response)
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
-            self._rest(self.pacing.wake_at(self.loop.time()))
+            self._rest(self.pacing.wake_at(self.loop))
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the

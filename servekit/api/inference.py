@@ -81,7 +81,7 @@ class Predictions:
         self.access.done(scope, response.status_code, start)
         return response
 
-    def refuse(self, scope: dict[str, Any], retry_after_s: int) -> Raw | None:
+    def refuse(self, scope: dict[str, Any]) -> Raw | None:
         """The 503 for a request that cannot be queued now (queue full, no worker, unregistering), decided from its
         head: the body is never parsed and the refusal costs a fraction of a served request, so that under overload
         the front end's time goes to the requests it serves. ``None`` when the request may be queued, or is not for
@@ -113,7 +113,7 @@ class Predictions:
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(max(1, retry_after_s)).encode()),
+            (b"retry-after", b"1"),  # the protocol says more when the connection rests longer
             (b"x-request-id", new_request_id().encode()),
         ]
         return error.status_code, headers, body
