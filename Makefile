@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install clean compat
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The differential test against TorchServe 0.12 (tests/compat/, issue 14): the same exchanges sent to both servers,
+# every difference not documented in docs/migration.md fails; the summary lists them all (Markdown in $(COMPAT_REPORT)).
+# TorchServe runs from benchmarks/setup_peers.sh's venv (Java 17); numpy, which its kservev2 envelope imports, is
+# installed apart so that the shared peers venv stays as the benchmarks use it. A few minutes; not part of `make test`.
+COMPAT_NUMPY_DIR ?= /tmp/servekit-compat-numpy
+COMPAT_REPORT ?= /tmp/servekit-compat-report.md
+
+compat: $(STAMP)
+	peers=$$(benchmarks/setup_peers.sh | tail -n1) && \
+	{ test -d $(COMPAT_NUMPY_DIR)/numpy || $$peers/bin/python -m pip install -q --disable-pip-version-check \
+		--target $(COMPAT_NUMPY_DIR) numpy; } && \
+	BENCH_PEERS_VENV=$$peers COMPAT_NUMPY_DIR=$(COMPAT_NUMPY_DIR) COMPAT_REPORT=$(COMPAT_REPORT) \
+		$(BIN)/python -m pytest -q -m compat tests/compat $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

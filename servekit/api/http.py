@@ -68,7 +68,7 @@ class Pacing:
     While the loop keeps up (a model bound by its worker, refusals at a rate the front end absorbs), a refused
     connection is read again at once. Each refusal itself is answered at once either way."""
 
-    rate = 400.0
+    rate = 1000.0
     max_rest_s = 2.0
     tick_s = 0.05  # wake times fall on these boundaries: connections waking together are read in one loop turn
     probe_s = 0.025
