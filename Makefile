@@ -30,7 +30,8 @@ test: lint
 # The differential test against TorchServe 0.12 (tests/compat/, issue 14): the same exchanges sent to both servers,
 # every difference not documented in docs/migration.md fails; the summary lists them all (Markdown in $(COMPAT_REPORT)).
 # TorchServe runs from benchmarks/setup_peers.sh's venv (Java 17); numpy, which its kservev2 envelope imports, is
-# installed apart so that the shared peers venv stays as the benchmarks use it. A few minutes; not part of `make test`.
+# installed apart so that the shared peers venv stays as the benchmarks use it. About 2 minutes; not in `make test`.
+# Some cases: make compat PYTEST_ARGS='-k mnist'.
 COMPAT_NUMPY_DIR ?= /tmp/servekit-compat-numpy
 COMPAT_REPORT ?= /tmp/servekit-compat-report.md
 

@@ -1,0 +1,393 @@
+"""The exchanges of the differential test on the REST APIs, in the order they run (some change the servers' state:
+registrations, scaling, unregistering), each with the documented differences it is expected to show."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from tests.compat import normalize as n
+from tests.compat.archives import digit_png
+from tests.compat.exchange import CLIENT_HEADERS, Case, Expected, Port, Request
+
+# The words of docs/migration.md that document each deliberate difference.
+D_RESULT_TYPE = "TorchServe sends JSON indented by 2 and no `Content-Type` unless the handler sets one."
+D_CACHE = "TorchServe's `Pragma`, `Cache-Control` and `Expires` headers are not sent"
+D_CONNECTION = "connections stay open after an error answer (except a 413, which closes)"
+D_ERROR_NAMES = "servekit's error names (`ModelNotFoundError`, `HandlerError`, `QueueFullError`, ...)"
+D_EXPLAIN = "`/explanations/...` and KServe v1 `:explain` (there is no explanation API)"
+D_URL_PATH = "`/predictions/{m}/{v}/{more...}` (TorchServe passes the rest as the `url_path` header"
+D_SAGEMAKER = "the SageMaker routes `/invocations` and `/models/{m}/invoke`"
+D_LEGACY = "the legacy `/{m}/predict`"
+D_OPTIONS = "the OpenAPI description as `OPTIONS /` or `OPTIONS /predictions/{m}`"
+D_CUSTOMIZED = "`?customized=true` on describe is ignored (no `describe_handle` call)"
+D_RAISED = "| the handler raised | **500** `HandlerError`"
+D_BAD_OUTPUT = "| the handler returned something other than a list, or a list of the wrong length | **500**"
+D_UNSENDABLE = "| a result that cannot be sent (not bytes, str, tensor or JSON-serialisable) | **500** for that request"
+D_CUDA = "| the exception's text mentions CUDA | **500**"
+D_413 = (
+    "| a body over `max_request_size` | 413 with a JSON error naming the size and the limit | 413 with an empty body |"
+)
+D_BAD_JSON = "| a body sent as `application/json` that is not JSON | **400** for that request, before the handler |"
+D_EMPTY_URL = "| register: `url=` (empty), or `..` in it | **400** | 404 |"
+D_FAILED_LOAD = "| register or scale whose workers fail to load | 500 with the handler's own error"
+D_WORKERS = "| **1** | 0 for a registration (the model answers 503 until scaled)"
+D_NAN = "a result holding a float `NaN` or infinity is sent as `null` (valid JSON), where TorchServe sends `NaN`"
+D_HEADER_CASE = "**Request headers** reach the handler with lower-case names"
+D_METHODS = "`/predictions/{m}[/{v}]` answers `GET`, `POST`, `PUT`, `DELETE` and `PATCH` (TorchServe: any method)"
+D_DESCRIBE = "without TorchServe's fields for features servekit does not have"
+D_LABELS = "Label sets are written the way the Prometheus client does, sorted and without TorchServe's trailing comma"
+D_OIP = "the Open Inference Protocol routes are always on"
+D_RETRY_AFTER = "| any 503 (no worker, queue full, unregistering) | with `Retry-After`"
+
+OCTET = (("content-type", "application/octet-stream"),)
+TEXT = (("content-type", "text/plain; charset=utf-8"),)
+JSON = (("content-type", "application/json"),)
+FORM = (("content-type", "application/x-www-form-urlencoded"),)
+BOUNDARY = "compat-boundary-7f3a"
+
+
+def req(
+    method: str, path: str, body: bytes | None = None, headers: tuple[tuple[str, str], ...] = (), **kw: Any
+) -> Request:
+    return Request(method, path, body=body, headers=headers, **kw)
+
+
+def mgmt(
+    method: str, path: str, body: bytes | None = None, headers: tuple[tuple[str, str], ...] = (), **kw: Any
+) -> Request:
+    port: Port = "management"
+    return Request(method, path, port=port, body=body, headers=headers, **kw)
+
+
+def case(name: str, *requests: Request, **kw: Any) -> Case:
+    return Case(name, requests, **kw)
+
+
+def exp(aspect: str, docs: str, tolerate: Callable[[str], str] | None = None) -> Expected:
+    return Expected(aspect, docs, tolerate)
+
+
+def multipart(*parts: tuple[str, str | None, str | None, bytes]) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """A multipart/form-data body from (name, filename, content type, data) parts, the same bytes for both."""
+    out = b""
+    for name, filename, content_type, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n".encode()
+        out += f"Content-Type: {content_type}\r\n".encode() if content_type else b""
+        out += b"\r\n" + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode(), (("content-type", f"multipart/form-data; boundary={BOUNDARY}"),)
+
+
+TYPE_NAMES = n.without("type")  # the error type names differ (D_ERROR_NAMES); code and message must not
+RESULT_CT = exp("header:content-type", D_RESULT_TYPE)
+FORM_BODY, FORM_HEADERS = multipart(
+    ("a", None, None, b"plain value"),
+    ("file", "notes.txt", "text/plain", b"file text"),
+    ("bin", "blob.bin", "application/octet-stream", b"\x00\x01\x02"),
+)
+
+
+def kinds(kind: str, *expected: Expected, **kw: Any) -> Case:
+    return case(f"result_{kind}", req("POST", "/predictions/kinds", kind.encode()), expected=expected, **kw)
+
+
+def headers_case(name: str, spec: dict[str, Any], *expected: Expected, extra: tuple[str, ...] = ()) -> Case:
+    request = req("POST", "/predictions/headers", json.dumps(spec).encode(), JSON)
+    return case(name, request, body="text", headers=(*("content-type", "x-request-id"), *extra), expected=expected)
+
+
+def status_case(name: str, line: str, *expected: Expected) -> Case:
+    return case(name, req("POST", "/predictions/status", line.encode()), body="text", reason=True, expected=expected)
+
+
+def error_names(*more: Expected) -> tuple[Expected, ...]:
+    return (exp("body", D_ERROR_NAMES, TYPE_NAMES), *more)
+
+
+def whole_answer(docs: str) -> tuple[Expected, ...]:
+    """A documented difference of the whole answer (a route TorchServe serves and servekit does not, say): its
+    status, body and content type differ."""
+    return exp("status", docs), exp("body", docs), exp("header:content-type", docs)
+
+
+HEALTH_AND_ROUTES = [
+    case(
+        "ping",
+        req("GET", "/ping"),
+        headers=(*CLIENT_HEADERS, "pragma", "cache-control", "expires"),
+        expected=(exp("header:pragma", D_CACHE), exp("header:cache-control", D_CACHE), exp("header:expires", D_CACHE)),
+    ),
+    case("ping_post", req("POST", "/ping")),
+    case("root_get", req("GET", "/")),
+    case("root_options", req("OPTIONS", "/"), body="skip", expected=(exp("status", D_OPTIONS),)),
+    case("model_options", req("OPTIONS", "/predictions/noop"), body="skip", expected=(exp("status", D_OPTIONS),)),
+    case("api_description", req("GET", "/api-description"), body="skip"),
+    case("unknown_route", req("GET", "/nope")),
+    case(
+        "unknown_model",
+        req("POST", "/predictions/missing", b"x"),
+        headers=(*CLIENT_HEADERS, "connection"),
+        expected=error_names(exp("header:connection", D_CONNECTION)),
+    ),
+    case("unknown_version", req("POST", "/predictions/noop/9.9", b"x"), expected=error_names()),
+    case("oip_health_ready", req("GET", "/v2/health/ready"), expected=(exp("status", D_OIP), exp("body", D_OIP))),
+]
+
+RESULTS = [
+    case("noop_post", req("POST", "/predictions/noop", b"x"), body="text", expected=(RESULT_CT,)),
+    case("noop_version", req("POST", "/predictions/noop/1.0", b"x"), body="text", expected=(RESULT_CT,)),
+    case("noop_get", req("GET", "/predictions/noop"), body="text", expected=(RESULT_CT,)),
+    case("noop_put", req("PUT", "/predictions/noop", b"x"), body="text", expected=(RESULT_CT,)),
+    case(
+        "noop_head",
+        req("HEAD", "/predictions/noop"),
+        body="text",
+        expected=(exp("status", D_METHODS), exp("header:content-type", D_METHODS)),
+    ),
+    case(
+        "echo_bytes",
+        req("POST", "/predictions/echo", b"\x00\x01\xffbinary", OCTET),
+        body="bytes",
+        expected=(RESULT_CT,),
+    ),
+    case("echo_no_content_type", req("POST", "/predictions/echo", b"raw body"), body="bytes", expected=(RESULT_CT,)),
+    case(
+        "echo_text", req("POST", "/predictions/echo", "h\u00e9llo".encode(), TEXT), body="bytes", expected=(RESULT_CT,)
+    ),
+    case(
+        "echo_json", req("POST", "/predictions/echo", b'{"a": [1, 2.5, null], "b": "x"}', JSON), expected=(RESULT_CT,)
+    ),
+    case(
+        "echo_bad_json",
+        req("POST", "/predictions/echo", b"not json", JSON),
+        body="text",
+        expected=whole_answer(D_BAD_JSON),
+    ),
+    case("echo_empty", req("POST", "/predictions/echo", b"", OCTET), body="bytes", expected=(RESULT_CT,)),
+    case(
+        "echo_over_max_request_size",
+        req("POST", "/predictions/echo", b"x" * 2_000_000, OCTET),
+        body="text",
+        headers=(*CLIENT_HEADERS, "connection"),
+        expected=(exp("body", D_413), exp("header:content-type", D_413)),
+    ),
+    kinds("str", RESULT_CT, body="text"),
+    kinds("unicode", RESULT_CT, body="text"),
+    kinds("emptystr", RESULT_CT, body="text"),
+    kinds("dict", RESULT_CT),
+    kinds("list", RESULT_CT),
+    kinds("int", RESULT_CT),
+    kinds("float", RESULT_CT),
+    kinds("none", RESULT_CT),
+    kinds("nan", RESULT_CT, exp("body", D_NAN)),
+    kinds("bytes", RESULT_CT, body="bytes"),
+    kinds("tensor", RESULT_CT, body="tensor"),
+    kinds("object", exp("status", D_UNSENDABLE), exp("body", D_UNSENDABLE)),
+    kinds("nonlist", exp("status", D_BAD_OUTPUT), exp("body", D_BAD_OUTPUT)),
+    kinds("short", exp("status", D_BAD_OUTPUT), exp("body", D_BAD_OUTPUT)),
+    case(
+        "raises_runtime",
+        req("POST", "/predictions/raises", b"runtime"),
+        expected=(exp("status", D_RAISED), exp("body", D_RAISED)),
+    ),
+    case("raises_memory", req("POST", "/predictions/raises", b"memory"), expected=error_names()),
+    case(
+        "raises_cuda",
+        req("POST", "/predictions/raises", b"cuda"),
+        expected=(exp("status", D_CUDA), exp("body", D_CUDA)),
+    ),
+    case("raises_prediction_exception", req("POST", "/predictions/raises", b"prediction"), expected=error_names()),
+    headers_case(
+        "handler_content_type",
+        {"content_type": "application/x-compat", "headers": {"X-Compat": "yes"}},
+        extra=("x-compat",),
+    ),
+    headers_case("handler_content_type_text", {"content_type": "text/plain"}),
+    headers_case("handler_content_type_json", {"content_type": "application/json", "body": '{"a":1}'}),
+    headers_case(
+        "handler_cache_control", {"headers": {"Cache-Control": "max-age=60"}}, RESULT_CT, extra=("cache-control",)
+    ),
+    status_case("status_201", "201 Created", RESULT_CT),
+    status_case("status_custom_phrase", "299 Custom Phrase", RESULT_CT),
+    status_case("status_418_no_phrase", "418", RESULT_CT),
+    status_case("status_500_from_handler", "500 Handler Says No", RESULT_CT),
+    case(
+        "batch_one_request_fails",
+        req("POST", "/predictions/batchfail", b"good"),
+        req("POST", "/predictions/batchfail", b"bad", delay=0.05),
+        reason=True,
+        expected=(exp("header:content-type[0]", D_RESULT_TYPE), exp("header:content-type[1]", D_RESULT_TYPE)),
+    ),
+    case(
+        "mnist_png",
+        req("POST", "/predictions/mnist", digit_png(1), (("content-type", "image/png"),)),
+        expected=(RESULT_CT,),
+    ),
+    case("mnist_torchscript_png", req("POST", "/predictions/mnist_ts", digit_png(1)), expected=(RESULT_CT,)),
+]
+
+HANDLER_INPUTS = [
+    case(
+        "inspect_json",
+        req("POST", "/predictions/inspect", b'{"x": 1}', (("Content-Type", "application/json"),)),
+        fix=n.any_header_case,
+        expected=(RESULT_CT,),
+    ),
+    case(
+        "inspect_header_case",
+        req("POST", "/predictions/inspect", b"x", (("X-Compat-Probe", "Value"),)),
+        expected=(RESULT_CT, exp("body", D_HEADER_CASE, n.on_json(n.any_header_case))),
+    ),
+    case(
+        "inspect_text",
+        req("POST", "/predictions/inspect", b"some text", TEXT),
+        fix=n.any_header_case,
+        expected=(RESULT_CT,),
+    ),
+    case("inspect_no_content_type", req("POST", "/predictions/inspect", b"\x00raw"), expected=(RESULT_CT,)),
+    case(
+        "inspect_form_urlencoded",
+        req("POST", "/predictions/inspect", b"a=1&b=two+words", FORM),
+        fix=n.any_header_case,
+        expected=(RESULT_CT,),
+    ),
+    case(
+        "inspect_multipart",
+        req("POST", "/predictions/inspect", FORM_BODY, FORM_HEADERS),
+        fix=n.any_header_case,
+        expected=(RESULT_CT,),
+    ),
+    case("inspect_query_not_forwarded", req("POST", "/predictions/inspect?x=1", b"q"), expected=(RESULT_CT,)),
+]
+
+DESCRIBE = n.without(*n.TORCHSERVE_ONLY_FIELDS)
+MANAGEMENT = [
+    case("list_models", mgmt("GET", "/models")),
+    case("list_models_page", mgmt("GET", "/models?limit=3&next_page_token=2")),
+    case(
+        "describe", mgmt("GET", "/models/noop"), fix=n.workers_normalized, expected=(exp("body", D_DESCRIBE, DESCRIBE),)
+    ),
+    case(
+        "describe_version",
+        mgmt("GET", "/models/mnist/1.0"),
+        fix=n.workers_normalized,
+        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+    ),
+    case(
+        "describe_all",
+        mgmt("GET", "/models/echo/all"),
+        fix=n.workers_normalized,
+        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+    ),
+    case(
+        "describe_customized",
+        mgmt("GET", "/models/mnist?customized=true"),
+        fix=n.workers_normalized,
+        expected=(exp("body", D_CUSTOMIZED, n.without(*n.TORCHSERVE_ONLY_FIELDS, "customizedMetadata")),),
+    ),
+    case("describe_missing", mgmt("GET", "/models/missing"), expected=error_names()),
+    case("scale_sync", mgmt("PUT", "/models/noop?min_worker=1&synchronous=true")),
+    case("scale_async", mgmt("PUT", "/models/noop?min_worker=1")),
+    case("scale_max_below_min", mgmt("PUT", "/models/noop?min_worker=2&max_worker=1"), expected=error_names()),
+    case("set_default", mgmt("PUT", "/models/noop/1.0/set-default")),
+    case("set_default_unknown_version", mgmt("PUT", "/models/noop/9.9/set-default"), expected=error_names()),
+    case("register_without_url", mgmt("POST", "/models"), expected=error_names()),
+    case(
+        "register_empty_url",
+        mgmt("POST", "/models?url="),
+        expected=(exp("status", D_EMPTY_URL), exp("body", D_EMPTY_URL)),
+    ),
+    case("register_missing_file", mgmt("POST", "/models?url=missing.mar"), expected=error_names()),
+    case("register_duplicate", mgmt("POST", "/models?url=noop.mar"), expected=error_names()),
+    case("register_default_workers", mgmt("POST", "/models?url=reg.mar"), expected=(exp("body", D_WORKERS),)),
+    case(
+        "predict_registered_default_workers",
+        req("POST", "/predictions/reg", b"x"),
+        body="text",
+        expected=whole_answer(D_WORKERS),
+    ),
+    case("scale_registered", mgmt("PUT", "/models/reg?min_worker=1&synchronous=true")),
+    case("predict_registered_scaled", req("POST", "/predictions/reg", b"x"), body="text", expected=(RESULT_CT,)),
+    case("unregister", mgmt("DELETE", "/models/reg")),
+    case(
+        "register_json_body",
+        mgmt(
+            "POST",
+            "/models",
+            json.dumps({"url": "reg.mar", "model_name": "regj", "initial_workers": 1, "synchronous": True}).encode(),
+            JSON,
+        ),
+    ),
+    case("unregister_json_body", mgmt("DELETE", "/models/regj")),
+    case(
+        "register_json_lenient",
+        mgmt(
+            "POST",
+            "/models",
+            json.dumps(
+                {"url": "reg.mar", "model_name": "regl", "initial_workers": "1", "comment": "extra field"}
+            ).encode(),
+            JSON,
+        ),
+    ),
+    case("unregister_json_lenient", mgmt("DELETE", "/models/regl")),
+    case(
+        "register_failing_initialize",
+        mgmt("POST", "/models?url=failinit.mar&initial_workers=1&synchronous=true"),
+        expected=(exp("body", D_FAILED_LOAD),),
+    ),
+    case("describe_after_failed_register", mgmt("GET", "/models/failinit"), expected=error_names()),
+    case("unregister_missing", mgmt("DELETE", "/models/missing"), expected=error_names()),
+    case("unregister_missing_version", mgmt("DELETE", "/models/noop/9.9"), expected=error_names()),
+    case("models_patch", mgmt("PATCH", "/models")),
+    case("management_root_get", mgmt("GET", "/")),
+    case("management_root_options", mgmt("OPTIONS", "/"), body="skip", expected=(exp("status", D_OPTIONS),)),
+]
+
+PROMETHEUS = (n.HOSTNAMES, n.SAMPLE_VALUES)
+METRICS = [
+    case(
+        f"metrics_{name}",
+        Request("GET", f"/metrics?name[]={name}", port="metrics"),
+        body="text",
+        subs=PROMETHEUS,
+        fix=n.sorted_lines,
+        expected=(exp("body", D_LABELS, n.prometheus_labels_sorted),),
+    )
+    for name in (
+        "Requests2XX",
+        "Requests4XX",
+        "Requests5XX",
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+    )
+] + [case("metrics_unfiltered_content_type", Request("GET", "/metrics", port="metrics"), body="skip")]
+
+# Routes TorchServe serves and servekit does not; after METRICS, whose per-model counts they would change.
+UNSERVED = [
+    case("mnist_explanations", req("POST", "/explanations/mnist", digit_png(2)), expected=whole_answer(D_EXPLAIN)),
+    case("inspect_explanations", req("POST", "/explanations/inspect", b"e"), expected=whole_answer(D_EXPLAIN)),
+    case("inspect_url_path", req("POST", "/predictions/inspect/1.0/v1/extra", b"u"), expected=whole_answer(D_URL_PATH)),
+    case(
+        "sagemaker_invocations",
+        req("POST", "/invocations?model_name=inspect", b"s"),
+        expected=whole_answer(D_SAGEMAKER),
+    ),
+    case("sagemaker_invoke", req("POST", "/models/inspect/invoke", b"s"), expected=whole_answer(D_SAGEMAKER)),
+    case("legacy_predict", req("POST", "/inspect/predict", b"l"), expected=whole_answer(D_LEGACY)),
+]
+
+# Last, as it unregisters "slow" while it serves a request. (TorchServe's 408 for an unregistration past
+# unregister_model_timeout, 2 s here, did not show: its DELETE answers 200 at once.)
+UNREGISTER_DURING_INFERENCE = [
+    case(
+        "unregister_during_inference",
+        req("POST", "/predictions/slow", b"4", timeout=15),
+        mgmt("DELETE", "/models/slow", delay=1.0),
+    ),
+]
+
+CASES = HEALTH_AND_ROUTES + RESULTS + HANDLER_INPUTS + MANAGEMENT + METRICS + UNSERVED + UNREGISTER_DURING_INFERENCE

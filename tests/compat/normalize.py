@@ -1,0 +1,87 @@
+"""Normalizers of the differential test: what legitimately varies between two runs (ids, times, hosts, counts) and
+what a documented difference may change (``Expected.tolerate``), each applied to both servers' answers alike."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+HOSTNAMES = (r'(?i)(hostname)="[^"]*"', r'\1="H"')
+SAMPLE_VALUES = (r"^([^#\n].*) \S+$", r"\1 N")
+# TorchServe's describe fields for features servekit does not have (docs/migration.md, "Describe").
+TORCHSERVE_ONLY_FIELDS = (
+    "maxRetryTimeoutInSec",
+    "clientTimeoutInMills",
+    "parallelType",
+    "parallelLevel",
+    "continuousBatching",
+    "useJobTicket",
+    "useVenv",
+    "stateful",
+    "sequenceMaxIdleMSec",
+    "sequenceTimeoutMSec",
+    "maxNumSequence",
+    "maxSequenceJobQueueSize",
+)
+
+
+def on_json(change: Callable[[Any], Any]) -> Callable[[str], str]:
+    """A tolerance on a JSON body (given in canonical text) from a change of its parsed value."""
+
+    def tolerate(text: str) -> str:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return json.dumps(change(value), sort_keys=True, ensure_ascii=False)
+
+    return tolerate
+
+
+def without(*keys: str) -> Callable[[str], str]:
+    """Tolerate differences in these keys of a JSON object, or of each object of a JSON list."""
+
+    def change(value: Any) -> Any:
+        if isinstance(value, list):
+            return [change(item) for item in value]
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k not in keys}
+        return value
+
+    return on_json(change)
+
+
+def any_header_case(value: Any) -> Any:
+    """Inspect's answers with ``get_request_header(i, "Content-Type")`` and ``(i, "content-type")`` merged: the
+    lookup is exact-case in TorchServe and lower-case in servekit."""
+    for row in value if isinstance(value, list) else [value]:
+        headers = row.get("headers") if isinstance(row, dict) else None
+        if isinstance(headers, dict):
+            for name in [n for n in headers if n != n.lower()]:
+                merged = headers.pop(name) or headers.get(name.lower())
+                headers[name.lower()] = merged
+    return value
+
+
+def workers_normalized(value: Any) -> Any:
+    """Describe answers with the per-run worker values (ids, pids, start times, memory) replaced."""
+    for model in value if isinstance(value, list) else []:
+        for worker in model.get("workers", []) if isinstance(model, dict) else []:
+            worker.update({k: "*" for k in ("id", "pid", "startTime", "memoryUsage") if k in worker})
+    return value
+
+
+def prometheus_labels_sorted(text: str) -> str:
+    """Label sets written as the Prometheus client does: sorted, no trailing comma."""
+
+    def sort(match: re.Match[str]) -> str:
+        labels = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2))
+        return match.group(1) + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels)) + "}"
+
+    return re.sub(r"^(\w+)\{([^}]*)\}", sort, text, flags=re.MULTILINE)
+
+
+def sorted_lines(text: str) -> str:
+    return "\n".join(sorted(text.splitlines()))
