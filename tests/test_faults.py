@@ -86,6 +86,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     store.mkdir()
     config = "minWorkers: 2\nbatchSize: 1\nresponseTimeout: 2\n"
     make_archive(store, "faulty", FAULTY_HANDLER, work=root / "work", config=config)
+    make_archive(store, "single", FAULTY_HANDLER, work=root / "work1", config="batchSize: 1\n")
     with running_server(root / "run", store, config={"max_response_size": "100000"}) as srv:
         yield srv
 
@@ -110,6 +111,23 @@ def test_faults_worker_killed_mid_batch_fails_only_that_batch(server: Server, ac
     assert [r.status_code for r in served] == [200] * 6
     assert_recovered(server)
     assert worker_pids(server, "faulty") != before
+
+
+def test_faults_batch_sent_behind_a_crashing_one_is_served_by_the_replacement(server: Server) -> None:
+    # One worker, batch 1: while it runs "slow" the next requests wait, and the worker already holds the first of them
+    # (the batcher's pipeline). The crash fails its own request only; the ones behind it never ran and are served once.
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(post, server, "single", "slow")
+        time.sleep(0.1)
+        doomed = pool.submit(post, server, "single", "kill")
+        time.sleep(0.1)
+        behind = [pool.submit(post, server, "single", f"after{i}") for i in range(2)]
+        assert first.result().status_code == 200
+        assert doomed.result().status_code == 500
+        answers = [f.result() for f in behind]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert [r.json()["echo"] for r in answers] == ["after0", "after1"]
+    assert len({r.json()["pid"] for r in answers}) == 1  # both on the replacement
 
 
 def test_faults_hung_worker_is_504_and_replaced(server: Server) -> None:
