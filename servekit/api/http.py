@@ -59,44 +59,23 @@ class DirectRoute(Protocol):
 
 
 class Pacing:
-    """How long connections refused for overload rest. Under overload a closed-loop client sends its next request
-    the moment it is refused, and an event loop that reads every ready connection in turn spends itself on refusals
-    while the admitted requests and the workers' results wait behind them (issue 13). So while the loop is congested
-    (a timer checked every ``probe_s`` fired more than ``lag_s`` late within the last ``hold_s``), a refused
-    connection is not read again for ``resting / rate`` seconds (at most ``max_rest_s``, the ``Retry-After`` the
-    refusal advised): all resting connections together come back at about ``rate`` a second, whatever their number.
-    While the loop keeps up (a model bound by its worker, refusals at a rate the front end absorbs), a refused
-    connection is read again at once. Each refusal itself is answered at once either way."""
+    """How long a connection refused for overload rests before it is read again. Under overload a closed-loop client
+    sends its next request the moment it is refused, and an event loop that reads every ready connection in turn
+    spends itself on refusals while the admitted requests and the workers' results wait behind them (issue 13). So a
+    refused connection backs off: it is not read again for ``first_s`` after its first refusal, twice as long after
+    each further refusal in a row, at most ``max_s``, and the count starts over once one of its requests is admitted.
+    A client that hammers is soon read every ``max_s`` only (the ``Retry-After`` its refusals advise); a client that
+    paces its requests or honours ``Retry-After`` is hardly held back. Wake times fall on ``tick_s`` boundaries, so
+    that connections waking together are read in one turn of the event loop rather than one turn each."""
 
-    rate = 1000.0
-    max_rest_s = 2.0
-    tick_s = 0.05  # wake times fall on these boundaries: connections waking together are read in one loop turn
-    probe_s = 0.025
-    lag_s = 0.005
-    hold_s = 0.5
+    first_s = 0.05
+    max_s = 2.0
+    tick_s = 0.05
 
-    def __init__(self) -> None:
-        self.resting = 0
-        self._congested_until = 0.0
-        self._probe: asyncio.TimerHandle | None = None
-        self._last_refusal = 0.0
-
-    def wake_at(self, loop: asyncio.AbstractEventLoop) -> float | None:
-        """When a connection refused now is read again (loop time), or ``None`` for at once."""
-        now = self._last_refusal = loop.time()
-        if self._probe is None:
-            self._probe = loop.call_at(now + self.probe_s, self._check, loop, now + self.probe_s)
-        if now >= self._congested_until:
-            return None
-        rest = min(self.max_rest_s, self.resting / self.rate)
+    def wake_at(self, now: float, strikes: int) -> float:
+        """When a connection refused at ``now`` (loop time), its ``strikes``-th refusal in a row, is read again."""
+        rest = min(self.max_s, self.first_s * (1 << min(strikes - 1, 16)))
         return math.ceil((now + rest) / self.tick_s) * self.tick_s
-
-    def _check(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        now = loop.time()
-        if now - due > self.lag_s:
-            self._congested_until = now + self.hold_s
-        quiet = now - self._last_refusal > 1.0 and self.resting == 0
-        self._probe = None if quiet else loop.call_at(now + self.probe_s, self._check, loop, now + self.probe_s)
 
 
 class Deadlines:
@@ -148,6 +127,7 @@ class HttpProtocol(HttpToolsProtocol):
     direct: DirectRoute | None = None
     pacing: Pacing
     _wake: asyncio.TimerHandle | None = None
+    _strikes = 0  # refusals in a row on this connection
     deadlines: Deadlines
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
@@ -200,6 +180,8 @@ class HttpProtocol(HttpToolsProtocol):
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
         refusal = self.direct.refuse(scope)  # any inference route
+        if refusal is None:
+            self._strikes = 0
         if refusal is None and not self.direct.matches(method, path):
             super().on_headers_complete()
             return
@@ -209,10 +191,10 @@ class HttpProtocol(HttpToolsProtocol):
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
             status, headers, body = refusal
-            wake = self.pacing.wake_at(self.loop)
-            if wake is not None:  # Retry-After: how long the connection rests
-                retry_after = str(math.ceil(wake - self.loop.time())).encode()
-                headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
+            self._strikes += 1
+            wake = self.pacing.wake_at(self.loop.time(), self._strikes)
+            retry_after = str(math.ceil(wake - self.loop.time())).encode()  # how long the connection rests
+            headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
             if self._write_head(exchange, status, headers, body, checked=True):
                 self._finish(exchange)
                 self._rest(wake)
@@ -221,11 +203,10 @@ class HttpProtocol(HttpToolsProtocol):
         if declared.isdigit() and int(declared) > self.direct.limit:
             self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
 
-    def _rest(self, wake: float | None) -> None:
-        """Read nothing more from this connection until ``wake`` (loop time; ``None``: go on reading)."""
-        if wake is None or self.transport.is_closing() or self._wake is not None:
+    def _rest(self, wake: float) -> None:
+        """Read nothing more from this connection until ``wake`` (loop time)."""
+        if self.transport.is_closing() or self._wake is not None:
             return
-        self.pacing.resting += 1
         self.flow.pause_reading()
         self._wake = self.loop.call_at(wake, self._end_rest)
 
@@ -233,7 +214,6 @@ class HttpProtocol(HttpToolsProtocol):
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
-            self.pacing.resting -= 1
             if not self.transport.is_closing():
                 self.flow.resume_reading()
 
@@ -273,7 +253,8 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._answer(exchange, response)
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
-            self._rest(self.pacing.wake_at(self.loop))
+            self._strikes += 1
+            self._rest(self.pacing.wake_at(self.loop.time(), self._strikes))
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
