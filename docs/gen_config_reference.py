@@ -79,7 +79,7 @@ names), then the server default.
 
 | model-config YAML / `models` | registration parameter | default | what |
 | --- | --- | --- | --- |
-| `minWorkers` | `initial_workers` | `default_workers_per_model` | workers; `PUT /models/{name}?min_worker=` rescales |
+| `minWorkers` | `initial_workers` | `default_workers_per_model` (registrations: 0 unless set) | workers |
 | `maxWorkers` | (scale: `max_worker`) | `minWorkers` | only reported: `minWorkers` workers run, as in TorchServe |
 | `batchSize` | `batch_size` | 1 | the most requests in one batch |
 | `maxBatchDelay` | `max_batch_delay` | 100 | ms; only a bound: a batch leaves once a worker is free |

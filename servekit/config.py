@@ -69,9 +69,9 @@ class Settings:
     1, "batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 120, "startupTimeout": 120, "jobQueueSize":
     100}}}``. The model-config YAML and registration parameters take precedence."""
     default_workers_per_model: int = 1
-    """Workers a model gets when neither its registration (``initial_workers``) nor its model-config YAML
-    (``minWorkers``) says. TorchServe's default is 0 for registrations and one per CPU core (or GPU) for startup
-    models."""
+    """Workers of a startup model whose model-config YAML sets no ``minWorkers`` (TorchServe: one per CPU core or
+    GPU). When set in config.properties, also the workers of a registration that names no ``initial_workers``;
+    unset, such a registration gets none, as in TorchServe."""
     job_queue_size: int = 100
     """Requests each model version may hold waiting for a worker; past that, requests are answered 503 with
     ``Retry-After`` (queue full). ``jobQueueSize`` in a model-config YAML overrides it for that model."""

@@ -64,8 +64,18 @@ def _int(source: str, key: str, value: Any, minimum: int = 0) -> int:
     return number
 
 
-def resolve_settings(spec: ModelSpec, settings: Settings, params: Mapping[str, Any] | None = None) -> ModelSettings:
-    """Effective settings: ``params`` (API or ``--models``) > model-config YAML > ``models`` JSON > defaults."""
+def registration_workers(settings: Settings) -> int:
+    """The workers of a management API registration that names no ``initial_workers`` and whose model-config YAML
+    sets no ``minWorkers``: ``default_workers_per_model`` when the configuration sets it, else 0, as in TorchServe
+    (its ``getConfiguredDefaultWorkersPerModel``). Startup models get ``default_workers_per_model`` (default 1)."""
+    return settings.default_workers_per_model if settings.raw.get("default_workers_per_model") else 0
+
+
+def resolve_settings(
+    spec: ModelSpec, settings: Settings, params: Mapping[str, Any] | None = None, default_workers: int | None = None
+) -> ModelSettings:
+    """Effective settings: ``params`` (API or ``--models``) > model-config YAML > ``models`` JSON > defaults
+    (``default_workers``, else ``default_workers_per_model``, for the workers)."""
     yaml_config = spec.config
     json_config = settings.models.get(spec.name, {}).get(spec.version, {})
     params = params or {}
@@ -80,7 +90,9 @@ def resolve_settings(spec: ModelSpec, settings: Settings, params: Mapping[str, A
                 return _int(source, key, mapping[key], minimum)
         return int(default)
 
-    workers = pick("initial_workers", "minWorkers", settings.default_workers_per_model)
+    if default_workers is None:
+        default_workers = settings.default_workers_per_model
+    workers = pick("initial_workers", "minWorkers", default_workers)
     max_workers = max(workers, pick("max_workers", "maxWorkers", workers))
     device_type = str(yaml_config.get("deviceType", "gpu")).lower()
     gpu_count = detect_gpu_count(settings)
@@ -243,13 +255,17 @@ class ModelRegistry:
         loaded_at_startup: bool = False,
         synchronous: bool = True,
         downloaded: Path | None = None,
+        default_workers: int | None = None,
     ) -> Model:
         """Serve a model version. Synchronously, this waits for its workers and, if they fail to load,
         leaves nothing registered and raises the handler's error. Asynchronously, the workers start in the
-        background and the model is removed again if they fail."""
+        background and the model is removed again if they fail. With no workers to start, the model is
+        registered (and ``on_change`` called) before this returns, whatever ``synchronous`` says: its handler
+        is first loaded when it is scaled up. ``default_workers`` is the worker count when neither ``params``
+        nor the model's config say (see ``resolve_settings``)."""
         if spec.version in self._models.get(spec.name, {}):
             raise ConflictError(f"Model version {spec.version} is already registered for model {spec.name}")
-        model_settings = resolve_settings(spec, self.settings, params)
+        model_settings = resolve_settings(spec, self.settings, params, default_workers)
         try:
             inputs, outputs = specs_from_config(spec.config, "inputs"), specs_from_config(spec.config, "outputs")
         except ValueError as exc:
@@ -289,7 +305,7 @@ class ModelRegistry:
         versions = self._models.setdefault(spec.name, {})
         versions[spec.version] = model
         self._defaults.setdefault(spec.name, spec.version)
-        if synchronous:
+        if synchronous or model_settings.min_workers == 0:
             await self._start_workers(model)
         else:
             self._in_background(self._start_workers(model, log_errors=True))

@@ -146,7 +146,8 @@ def test_input_schema_is_checked_before_the_request_is_queued(server: Server) ->
 
 
 def test_invalid_input_schema_fails_the_registration(server: Server) -> None:
-    response = httpx.post(server.management + "/models", params={"url": "badschema.mar"}, timeout=60)
+    params = {"url": "badschema.mar", "initial_workers": "1"}  # the schema is checked when a worker loads the handler
+    response = httpx.post(server.management + "/models", params=params, timeout=60)
     assert response.status_code == 500, response.text
     assert "input_schema is not a valid JSON Schema" in response.json()["message"]
     assert httpx.get(server.management + "/models/badschema", timeout=10).status_code == 404

@@ -408,7 +408,8 @@ def test_management_list_pages_with_next_page_token(server: Server) -> None:
 
 
 def test_management_versions_served_at_once_with_default_routing(server: Server) -> None:
-    registered = call(server, "POST", "/models", params={"url": "ver_v2.mar", "synchronous": "false"})
+    params = {"url": "ver_v2.mar", "initial_workers": "1", "synchronous": "false"}
+    registered = call(server, "POST", "/models", params=params)
     assert registered.status_code == 202, registered.text
     assert registered.json() == {"status": "Processing worker updates..."}
     try:
@@ -532,7 +533,7 @@ def test_management_sync_scale_up_of_broken_model_is_500(server: Server) -> None
 
 
 def test_management_folder_model_registers_and_unregister_keeps_the_folder(server: Server, store: Path) -> None:
-    response = call(server, "POST", "/models", params={"url": "folder"})
+    response = call(server, "POST", "/models", params={"url": "folder", "initial_workers": "1"})
     assert response.status_code == 200, response.text
     [pid] = worker_pids(server, "folder")
     assert cwd_of(pid).is_relative_to((store / "folder").resolve())
@@ -546,7 +547,7 @@ def test_management_download_from_allowed_url_registers_serves_and_unregister_re
     server: Server, store: Path, remote: Remote
 ) -> None:
     url = remote.url("/ok/hop/dl.mar")  # redirected to /ok/dl.mar, which allowed_urls admits too
-    response = call(server, "POST", "/models", params={"url": url})
+    response = call(server, "POST", "/models", params={"url": url, "initial_workers": "1"})
     assert response.status_code == 200, response.text
     assert (remote.allowed, "/ok/dl.mar") in remote.hits
     assert (store / "dl.mar").read_bytes() == remote.files["dl.mar"]

@@ -4,7 +4,6 @@ register, list, describe, scale, set-default and unregister models."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -14,12 +13,13 @@ from urllib.parse import unquote, urlsplit
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
+from servekit.api import lenient
 from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.errors import install_error_handlers
 from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
 from servekit.download import download, is_remote
 from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError, ServekitError
-from servekit.registry import Model, ModelRegistry
+from servekit.registry import Model, ModelRegistry, registration_workers
 
 PROCESSING = {"status": "Processing worker updates..."}
 API_DESCRIPTION = "/api-description"
@@ -74,9 +74,11 @@ def int_param(params: dict[str, Any], name: str, default: int | None = None, min
     value = params.get(name)
     if value is None or value == "":
         return default
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise BadRequestError(f"Parameter {name} must be an integer, got {value!r}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequestError(f"Parameter {name} must be an integer, got {value!r}") from None
     if number < minimum:
         raise BadRequestError(f"Parameter {name} must be at least {minimum}, got {number}")
@@ -95,12 +97,13 @@ def bool_param(params: dict[str, Any], name: str, default: bool) -> bool:
 
 
 async def request_params(request: Request) -> dict[str, Any]:
-    """Query parameters, or the fields of a JSON body (TorchServe accepts both)."""
+    """Query parameters, updated with the fields of a JSON body (``Content-Type: application/json``, any case), which
+    is read as leniently as TorchServe reads it (single quotes, unquoted names: see ``servekit.api.lenient``)."""
     params: dict[str, Any] = dict(request.query_params)
-    if request.headers.get("content-type", "").startswith("application/json"):
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
         try:
-            body = json.loads(await request.body() or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = lenient.loads((await request.body()).decode() or "{}")
+        except (UnicodeDecodeError, ValueError) as exc:
             raise BadRequestError(f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequestError("The JSON body must be an object")
@@ -210,18 +213,25 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         synchronous = bool_param(params, "synchronous", True)
         spec, url, downloaded = await load_spec(params)
         try:
-            model = await registry.register(spec, url, overrides, synchronous=synchronous, downloaded=downloaded)
+            model = await registry.register(
+                spec,
+                url,
+                overrides,
+                synchronous=synchronous,
+                downloaded=downloaded,
+                default_workers=registration_workers(settings),
+            )
         except BaseException:
             spec.remove_staging()
             if downloaded is not None:
                 downloaded.unlink(missing_ok=True)
             raise
-        if not synchronous:
-            return JSONResponse(PROCESSING, status_code=202)
         n = model.settings.min_workers
         message = f'Model "{model.name}" Version: {model.version} registered with {n} initial workers'
-        if n == 0:
-            message += ". Use scale workers API to add workers for the model."
+        if n == 0:  # 200 even with synchronous=false, as TorchServe: there is nothing to wait for
+            return JSONResponse({"status": message + ". Use scale workers API to add workers for the model."})
+        if not synchronous:
+            return JSONResponse(PROCESSING, status_code=202)
         return JSONResponse({"status": message})
 
     @app.get("/models/{name}")
