@@ -1,8 +1,12 @@
 """``context.metrics``: TorchServe's handler metrics API (``ts.metrics``), in the worker process.
 
 What a handler emits during a batch is collected here, sent back with the batch's result, and exposed by the front
-end's ``/metrics``, labelled ``ModelName`` and ``Level="Model"`` plus the handler's own dimensions. Counters add up;
-gauges (and histograms) keep the last value. Standard library only; never imports asyncio or fastapi.
+end's ``/metrics`` labelled as TorchServe labels it (``ts/metrics/metric_cache_abstract.py``): the helpers
+(``add_metric``, ``add_counter``, ``add_time``, ...) label with the handler's dimensions in their order, then
+``ModelName`` and ``Level="Model"`` unless given (``add_error``: ``Level="Error"`` only); a metric declared with
+``add_metric_to_cache`` has exactly its declared dimensions; the front end adds ``Hostname`` last. Units are written as
+TorchServe writes them (``ms`` -> ``Milliseconds``, ...). Counters add up, gauges keep the last value, histograms count
+into buckets. Standard library only; never imports asyncio or fastapi.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ class Dimension:
 # (name, value, unit, kind, ((label, value), ...)): what a handler emitted, for the worker to send back
 Record = tuple[str, float, str, str, tuple[tuple[str, str], ...]]
 
+# ts/metrics/unit.py: the units TorchServe writes out in full; any other is kept as given
+UNITS = {
+    "ms": "Milliseconds",
+    "s": "Seconds",
+    "percent": "Percent",
+    "count": "Count",
+    "MB": "Megabytes",
+    "GB": "Gigabytes",
+    "kB": "Kilobytes",
+    "B": "Bytes",
+    "": "unit",
+}
+
 
 def _pairs(dimensions: Any) -> list[tuple[str, str]]:
     if not dimensions:
@@ -46,7 +63,7 @@ class CachedMetric:
     def __init__(self, cache: Metrics, name: str, unit: str, dimension_names: list[str], kind: MetricTypes) -> None:
         self.cache = cache
         self.name = name
-        self.unit = unit
+        self.unit = UNITS.get(unit, unit)
         self.dimension_names = dimension_names
         self.kind = kind
 
@@ -69,8 +86,19 @@ class Metrics:
         self._cache: dict[tuple[str, MetricTypes], CachedMetric] = {}
 
     def emit(self, name: str, value: float, unit: str, kind: MetricTypes, dimensions: list[tuple[str, str]]) -> None:
-        labels = dict([("ModelName", self.model_name), ("Level", "Model"), *dimensions])
-        self.records.append((name, float(value), unit, kind.value, tuple(sorted(labels.items()))))
+        """Record a metric with exactly these dimensions, in this order."""
+        self.records.append((name, float(value), UNITS.get(unit, unit), kind.value, tuple(dimensions)))
+
+    def _emit_with_defaults(
+        self, name: str, value: float, unit: str, kind: MetricTypes, dimensions: Any, level: str = "Model"
+    ) -> None:
+        pairs = _pairs(dimensions)
+        given = {label for label, _ in pairs}
+        if level == "Model" and "ModelName" not in given:
+            pairs.append(("ModelName", self.model_name))
+        if "Level" not in given:
+            pairs.append(("Level", level))
+        self.emit(name, value, unit, kind, pairs)
 
     def take(self) -> list[Record]:
         """The records emitted since the last call."""
@@ -103,13 +131,13 @@ class Metrics:
         dimensions: Any = None,
         metric_type: MetricTypes = MetricTypes.COUNTER,
     ) -> None:
-        self.emit(name, value, unit, metric_type, _pairs(dimensions))
+        self._emit_with_defaults(name, value, unit, metric_type, dimensions)
 
     def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = None) -> None:
-        self.add_metric(name, value, "Count", idx, dimensions, MetricTypes.COUNTER)
+        self.add_metric(name, value, "count", idx, dimensions, MetricTypes.COUNTER)
 
     def add_error(self, name: str, value: float, dimensions: Any = None) -> None:
-        self.add_metric(name, value, "", None, dimensions, MetricTypes.COUNTER)
+        self._emit_with_defaults(name, value, "", MetricTypes.COUNTER, dimensions, level="Error")
 
     def add_time(
         self,
@@ -120,9 +148,7 @@ class Metrics:
         dimensions: Any = None,
         metric_type: MetricTypes = MetricTypes.GAUGE,
     ) -> None:
-        self.add_metric(
-            name, value, {"ms": "Milliseconds", "s": "Seconds"}.get(unit, unit), idx, dimensions, metric_type
-        )
+        self.add_metric(name, value, unit, idx, dimensions, metric_type)
 
     def add_size(
         self,
@@ -143,4 +169,4 @@ class Metrics:
         dimensions: Any = None,
         metric_type: MetricTypes = MetricTypes.GAUGE,
     ) -> None:
-        self.add_metric(name, value, "Percent", idx, dimensions, metric_type)
+        self.add_metric(name, value, "percent", idx, dimensions, metric_type)

@@ -1,14 +1,15 @@
-"""Prometheus metrics on a private registry, recorded in the front-end process only.
+"""Prometheus metrics, recorded in the front-end process only.
 
 Two sets, both always on:
 
-- TorchServe's names and labels, so existing dashboards and alerts keep working: ``Requests2XX/4XX/5XX``,
-  ``ts_inference_requests_total``, ``ts_inference_latency_microseconds``, ``ts_queue_latency_microseconds``,
-  ``QueueTime``, ``WorkerThreadTime``, ``WorkerLoadTime``, the host gauges (``CPUUtilization``, ``MemoryUsed``,
-  ...), and whatever handlers emit through ``context.metrics`` (``HandlerTime``, ``PredictionTime``, custom ones).
-  TorchServe's counters without a ``_total`` suffix are exposed untyped under their exact names.
-- servekit's own, per model and version: requests by outcome, histograms of latency, queue time, handler time and
-  batch size, and (read from the registry at scrape time) queue depth, workers alive and busy, worker restarts.
+- TorchServe's, with its names, labels and text form (issue 14; ``servekit.exposition``), so that dashboards, alert
+  rules and scripts written against TorchServe keep working: ``Requests2XX/4XX/5XX``, ``ts_inference_requests_total``,
+  ``ts_inference_latency_microseconds``, ``ts_queue_latency_microseconds``, ``QueueTime``, ``WorkerThreadTime``,
+  ``WorkerLoadTime``, the host gauges (``CPUUtilization``, ``MemoryUsed``, ...), and whatever handlers emit through
+  ``context.metrics`` (``HandlerTime``, ``PredictionTime``, custom ones) as with ``model_metrics_auto_detect``.
+- servekit's own on a private ``prometheus_client`` registry, per model and version: requests by outcome, histograms
+  of latency, queue time, handler time and batch size, and (read from the registry at scrape time) queue depth, workers
+  alive and busy, worker restarts.
 
 Label values come only from registered model names and versions, never from URL input.
 """
@@ -20,32 +21,44 @@ import math
 import re
 import shutil
 import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from servekit.exposition import Family, Labels, write
 from servekit.protocol import MetricRecord
 
 logger = logging.getLogger("servekit.metrics")
 
 HOST = socket.gethostname()
+HOST_LABELS: Labels = (("Level", "Host"), ("Hostname", HOST))
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_CUSTOM_SERIES = 10_000
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# TorchServe's default metrics.yaml, in its order: (name, kind, unit). Its label names are fixed by the code that
+# records each one below; the backend's two are declared with unit "ms", which their HELP line shows.
+FRONTEND = (
+    *((name, "counter", "Count") for name in ("Requests2XX", "Requests4XX", "Requests5XX")),
+    ("ts_inference_requests_total", "counter", "Count"),
+    ("ts_inference_latency_microseconds", "counter", "Microseconds"),
+    ("ts_queue_latency_microseconds", "counter", "Microseconds"),
+    *((name, "gauge", "Milliseconds") for name in ("QueueTime", "WorkerThreadTime", "WorkerLoadTime")),
+    ("CPUUtilization", "gauge", "Percent"),
+    ("MemoryUsed", "gauge", "Megabytes"),
+    ("MemoryAvailable", "gauge", "Megabytes"),
+    ("MemoryUtilization", "gauge", "Percent"),
+    ("DiskUsage", "gauge", "Gigabytes"),
+    ("DiskUtilization", "gauge", "Percent"),
+    ("DiskAvailable", "gauge", "Gigabytes"),
+)
+BACKEND = (("HandlerTime", "gauge", "ms"), ("PredictionTime", "gauge", "ms"))
+FRONTEND_NAMES = frozenset(name for name, _, _ in FRONTEND)
 
 
 def outcome(status: int) -> str:
@@ -73,39 +86,11 @@ class ModelState:
     restarts: int
 
 
-class Sums(Collector):
-    """Untyped accumulating series with exact names (TorchServe's counters and handler metrics)."""
+class Host:
+    """TorchServe's host gauges, read from /proc and the disk when ``/metrics`` is read."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._families: dict[str, tuple[str, str, dict[tuple[tuple[str, str], ...], float]]] = {}
-        self._series = 0
-
-    def add(self, name: str, kind: str, help_text: str, labels: tuple[tuple[str, str], ...], value: float) -> None:
-        """Add to a counter (``kind`` "counter") or set a gauge (anything else)."""
-        with self._lock:
-            _, _, series = self._families.setdefault(name, (kind, help_text, {}))
-            if labels not in series:
-                if self._series >= MAX_CUSTOM_SERIES:
-                    return
-                self._series += 1
-                series[labels] = 0.0
-            series[labels] = series[labels] + value if kind == "counter" else value
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            families = [(n, k, h, dict(s)) for n, (k, h, s) in self._families.items()]
-        for name, kind, help_text, series in families:
-            metric = Metric(name, help_text, "unknown" if kind == "counter" else "gauge")
-            for labels, value in series.items():
-                metric.add_sample(name, dict(labels), value)
-            yield metric
-
-
-class HostCollector(Collector):
-    """TorchServe's host gauges, read from /proc and the disk at scrape time."""
-
-    def __init__(self) -> None:
+    def __init__(self, families: dict[str, Family]) -> None:
+        self.families = families
         self._last_cpu: tuple[float, float] | None = None
 
     def _cpu_percent(self) -> float:
@@ -119,9 +104,7 @@ class HostCollector(Collector):
             return 0.0
         return 100.0 * (1 - (idle - last[0]) / (total - last[1]))
 
-    def collect(self) -> Iterator[Metric]:
-        labels = ["Level", "Hostname"]
-        values = ["Host", HOST]
+    def refresh(self) -> None:
         meminfo: dict[str, float] = {}
         try:
             for line in Path("/proc/meminfo").read_text().splitlines():
@@ -131,19 +114,18 @@ class HostCollector(Collector):
             pass
         total, available = meminfo.get("MemTotal", 0.0), meminfo.get("MemAvailable", 0.0)
         disk = shutil.disk_usage("/")
-        gauges = {
-            "CPUUtilization": ("Percent", self._cpu_percent()),
-            "MemoryUsed": ("Megabytes", total - available),
-            "MemoryAvailable": ("Megabytes", available),
-            "MemoryUtilization": ("Percent", 100 * (total - available) / total if total else 0.0),
-            "DiskUsage": ("Gigabytes", disk.used / 2**30),
-            "DiskAvailable": ("Gigabytes", disk.free / 2**30),
-            "DiskUtilization": ("Percent", 100 * disk.used / disk.total if disk.total else 0.0),
+        # percentages rounded to 0.1 and disk use of the space not reserved, as psutil gives them to TorchServe
+        values = {
+            "CPUUtilization": round(self._cpu_percent(), 1),
+            "MemoryUsed": total - available,
+            "MemoryAvailable": available,
+            "MemoryUtilization": round(100 * (total - available) / total, 1) if total else 0.0,
+            "DiskUsage": disk.used / 2**30,
+            "DiskUtilization": round(100 * disk.used / (disk.used + disk.free), 1) if disk.used + disk.free else 0.0,
+            "DiskAvailable": disk.free / 2**30,
         }
-        for name, (unit, value) in gauges.items():
-            family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=labels)
-            family.add_metric(values, value)
-            yield family
+        for name, value in values.items():
+            self.families[name].add(HOST_LABELS, value)
 
 
 class StateCollector(Collector):
@@ -168,7 +150,7 @@ class StateCollector(Collector):
 
 
 class ModelMetrics:
-    """The series of one model version, bound once so that the request path only increments."""
+    """The series of one model version, bound once so that the request path only adds numbers."""
 
     def __init__(self, metrics: Metrics, name: str, version: str) -> None:
         self._metrics = metrics
@@ -178,43 +160,40 @@ class ModelMetrics:
         self._queue = metrics.queue_time.labels(name, version)
         self._handler = metrics.handler_time.labels(name, version)
         self._batch = metrics.batch_size.labels(name, version)
-        self._ts_requests: dict[str, Counter] = {}
+        ts = metrics.families
+        self._ts_requests = ts["ts_inference_requests_total"]
+        self._ts_latency = ts["ts_inference_latency_microseconds"]
+        self._ts_queue = ts["ts_queue_latency_microseconds"]
+        self._queue_time = ts["QueueTime"]
+        self._worker_thread_time = ts["WorkerThreadTime"]
+        self._ts_labels: dict[str, Labels] = {}  # by the version the URL named ("default" when none)
+
+    def _labels(self, url_version: str) -> Labels:
+        labels = self._ts_labels.get(url_version)
+        if labels is None:
+            labels = (("model_name", self.name), ("model_version", url_version), ("hostname", HOST))
+            self._ts_labels[url_version] = labels
+        return labels
 
     def request(self, url_version: str, status: int, seconds: float) -> None:
         """One answered inference request (``url_version`` is "default" when the URL named none)."""
-        m = self._metrics
-        m.requests.labels(self.name, self.version, outcome(status)).inc()
+        self._metrics.requests.labels(self.name, self.version, outcome(status)).inc()
         self._latency.observe(seconds)
-        ts_labels = (("hostname", HOST), ("model_name", self.name), ("model_version", url_version))
-        if url_version not in self._ts_requests:
-            self._ts_requests[url_version] = m.ts_requests.labels(self.name, url_version, HOST)
-        self._ts_requests[url_version].inc()
-        m.sums.add(
-            "ts_inference_latency_microseconds",
-            "counter",
-            "Cumulative inference duration in microseconds",
-            ts_labels,
-            seconds * 1e6,
-        )
+        labels = self._labels(url_version)
+        self._ts_requests.add(labels, 1.0)
+        self._ts_latency.add(labels, seconds * 1e6)
 
     def queued(self, seconds: float) -> None:
         """One request left the queue after ``seconds``."""
         self._queue.observe(seconds)
-        labels = (("hostname", HOST), ("model_name", self.name), ("model_version", "default"))
-        self._metrics.sums.add(
-            "ts_queue_latency_microseconds",
-            "counter",
-            "Cumulative queue duration in microseconds",
-            labels,
-            seconds * 1e6,
-        )
-        self._metrics.queue_time_gauge.set(seconds * 1000)
+        self._ts_queue.add(self._labels("default"), seconds * 1e6)
+        self._queue_time.add(HOST_LABELS, float(int(seconds * 1000)))  # whole milliseconds, as TorchServe's
 
     def batch(self, size: int, handler_ms: float, roundtrip_ms: float, records: Sequence[MetricRecord]) -> None:
         """One batch came back from a worker after ``roundtrip_ms``, with the handler's own metrics."""
         self._batch.observe(size)
         self._handler.observe(handler_ms / 1000)
-        self._metrics.worker_thread_time.set(max(0.0, roundtrip_ms - handler_ms))
+        self._worker_thread_time.add(HOST_LABELS, float(int(max(0.0, roundtrip_ms - handler_ms))))
         for record in records:
             self._metrics.record(self.name, record)
 
@@ -250,33 +229,13 @@ class Metrics:
         self.batch_size = Histogram(
             "servekit_batch_size", "Requests per batch.", per_model, buckets=BATCH_BUCKETS, registry=r
         )
-        self.ts_requests = Counter(
-            "ts_inference_requests",
-            "Total number of inference requests.",
-            ["model_name", "model_version", "hostname"],
-            registry=r,
-        )
-        host = ["Level", "Hostname"]
-        self.queue_time_gauge = Gauge(
-            "QueueTime", "Torchserve prometheus gauge metric with unit: Milliseconds", host, registry=r
-        ).labels("Host", HOST)
-        self.worker_thread_time = Gauge(
-            "WorkerThreadTime",
-            "Torchserve prometheus gauge metric with unit: Milliseconds (batch round trip minus handler time)",
-            host,
-            registry=r,
-        ).labels("Host", HOST)
-        self.worker_load_time = Gauge(
-            "WorkerLoadTime",
-            "Torchserve prometheus gauge metric with unit: Milliseconds",
-            ["WorkerName", *host],
-            registry=r,
-        )
-        self.sums = Sums()
-        r.register(self.sums)
-        r.register(HostCollector())
+        # TorchServe's families, in its order; the handlers' own are added as they first appear
+        self.families = {name: Family(name, kind, unit) for name, kind, unit in (*FRONTEND, *BACKEND)}
+        self._responses = {code: self.families[f"Requests{code}XX"] for code in (2, 4, 5)}
+        self._host = Host(self.families)
+        self._handler_series = 0
         self._dropped_records = 0
-        self._valid_shapes: set[tuple[str, ...]] = set()  # metric names and label names already checked
+        self._valid_shapes: set[tuple[str, ...]] = set()  # handler metrics' names, kinds and label names, checked
 
     def watch(self, source: Callable[[], Iterable[ModelState]]) -> None:
         """Read per-model state (queue depth, workers) from ``source`` at every scrape."""
@@ -286,35 +245,61 @@ class Metrics:
         return ModelMetrics(self, name, version)
 
     def response(self, status: int) -> None:
-        """Any HTTP response on any port (TorchServe's ``Requests2XX/4XX/5XX``)."""
-        bucket = "Requests2XX" if status < 300 else "Requests4XX" if 400 <= status < 500 else "Requests5XX"
-        self.sums.add(
-            bucket,
-            "counter",
-            "Torchserve prometheus counter metric with unit: Count",
-            (("Hostname", HOST), ("Level", "Host")),
-            1,
-        )
+        """Any HTTP response on any port (TorchServe's ``Requests2XX/4XX/5XX``; 5XX is anything not 2xx or 4xx)."""
+        code = 2 if 200 <= status < 300 else 4 if 400 <= status < 500 else 5
+        self._responses[code].add(HOST_LABELS, 1.0)
 
     def worker_loaded(self, worker_name: str, seconds: float) -> None:
-        self.worker_load_time.labels(worker_name, "Host", HOST).set(seconds * 1000)
+        labels = (("WorkerName", worker_name), *HOST_LABELS)
+        self.families["WorkerLoadTime"].add(labels, float(int(seconds * 1000)))
 
     def record(self, model: str, record: MetricRecord) -> None:
-        """A metric a handler emitted; malformed ones (from untrusted workers) are dropped."""
-        labels = (("Hostname", HOST), *record.dimensions)
+        """A metric a handler emitted, labelled as TorchServe labels it (the handler's dimensions, then
+        ``Hostname``). Malformed ones (from untrusted workers), ones named as the front end's and new series past
+        ``MAX_CUSTOM_SERIES`` are dropped."""
+        labels = (*record.dimensions, ("Hostname", HOST))
+        family = self.families.get(record.name)
+        kind = family.kind if family else record.kind if record.kind in ("counter", "histogram") else "gauge"
+        shape = (record.name, kind, *(label for label, _ in labels))
         if not (
-            NAME.fullmatch(record.name) and all(LABEL.fullmatch(k) for k, _ in labels) and math.isfinite(record.value)
+            (shape in self._valid_shapes or self._check(shape))
+            and math.isfinite(record.value)
+            and not (kind == "counter" and record.value < 0)
         ):
             self._dropped_records += 1
             if self._dropped_records == 1:
                 logger.warning("model %s emitted a malformed metric %r; dropping such metrics", model, record.name)
             return
-        help_text = f"Torchserve prometheus {record.kind} metric with unit: {record.unit}"
-        self.sums.add(record.name, record.kind, help_text, tuple(sorted(labels)), record.value)
+        if family is None or labels not in family:
+            if self._handler_series >= MAX_CUSTOM_SERIES:
+                return
+            self._handler_series += 1
+        if family is None:
+            family = self.families[record.name] = Family(record.name, kind, record.unit)
+        family.add(labels, record.value)
+
+    def _check(self, shape: tuple[str, ...]) -> bool:
+        """Whether a handler metric's name, kind and label names make a valid family (remembered if so)."""
+        name, kind, *label_names = shape
+        valid = (
+            bool(NAME.fullmatch(name))
+            and name not in FRONTEND_NAMES
+            and not name.startswith("servekit_")
+            and all(LABEL.fullmatch(label) and not label.startswith("__") for label in label_names)
+            and len(set(label_names)) == len(label_names)
+            and not (kind == "histogram" and "le" in label_names)
+        )
+        if valid and len(self._valid_shapes) < MAX_CUSTOM_SERIES:
+            self._valid_shapes.add(shape)
+        return valid
 
     def render(self, names: Sequence[str] = ()) -> bytes:
-        """The exposition, restricted to the metric families in ``names`` (TorchServe's ``name[]``) if given."""
-        return generate_latest(_Only(self.registry, set(names)) if names else self.registry)
+        """The exposition, TorchServe's families first; only the families (or samples) in ``names`` (TorchServe's
+        ``name[]``) if given."""
+        self._host.refresh()
+        wanted = set(names)
+        own = generate_latest(_Only(self.registry, wanted) if wanted else self.registry)
+        return write(list(self.families.values()), wanted).encode() + own
 
 
 class _Only(Collector):

@@ -86,7 +86,7 @@ class MetricRecord:
     name: str
     value: float
     unit: str
-    kind: str  # "counter" accumulates; "gauge" and "histogram" keep the last value
+    kind: str  # "counter" accumulates, "gauge" keeps the last value, "histogram" counts into buckets
     dimensions: tuple[tuple[str, str], ...] = ()
 
 

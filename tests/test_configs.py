@@ -167,10 +167,14 @@ def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         assert server.post("/predictions/m", content=b"boom", headers=headers).status_code == 500
         assert server.post("/predictions/missing", content=b"ok", headers=headers).status_code == 404
         text = httpx.get(f"{server.metrics}/metrics").text
+    # names as written, as Prometheus reads them: prometheus_client's parser adds "_total" to a counter's samples
+    # (TorchServe's counters Requests2XX, ts_inference_latency_microseconds, ... have none)
+    written = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if not line.startswith("#")}
     samples: dict[str, tuple[str, set[str]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            samples.setdefault(sample.name, (family.type, set()))[1].update(sample.labels)
+            name = sample.name if sample.name in written else sample.name.removesuffix("_total")
+            samples.setdefault(name, (family.type, set()))[1].update(sample.labels)
     yield samples
 
 

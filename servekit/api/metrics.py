@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from servekit.api.errors import install_error_handlers
 from servekit.metrics import Metrics
+
+# TorchServe's: the text format its families are written in (servekit.exposition), which servekit's own follow too
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def create_metrics_app(metrics: Metrics) -> FastAPI:
@@ -19,6 +21,6 @@ def create_metrics_app(metrics: Metrics) -> FastAPI:
     )
     async def render(request: Request) -> Response:
         """Prometheus text; repeat ``name[]=<metric>`` to get only those metric families."""
-        return Response(metrics.render(request.query_params.getlist("name[]")), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(request.query_params.getlist("name[]")), media_type=CONTENT_TYPE)
 
     return app
