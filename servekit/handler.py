@@ -3,7 +3,8 @@
 A handler turns a batch into a list of results, one per request, in order:
 
 - ``data`` is a list with one dict per request. A raw body arrives as ``{"body": value}``; a multipart or
-  url-encoded form arrives as one key per field. Values are decoded as TorchServe does: content type
+  url-encoded form arrives as one key per field, each value the bytes the client sent (a url-encoded one
+  percent-decoded), with a content type for file parts only. Values are decoded as TorchServe does: content type
   ``application/json`` -> the parsed JSON, ``text/*`` -> ``str``, anything else -> ``bytearray``.
 - The result must be a list of exactly ``len(data)`` items. Each item is sent back as-is if it is
   ``bytes``/``bytearray``, as UTF-8 text if it is a ``str``, with ``torch.save`` if it is a tensor, and as
@@ -69,7 +70,12 @@ class RequestProcessor:
         self._request_header = request_header
 
     def get_request_property(self, key: str) -> Any:
-        return self._request_header.get(key)
+        """A request header, or ``None``; the name in any case (the front end passes names in lower case, while
+        handlers written for TorchServe ask in the client's case, ``"X-Foo"``)."""
+        value = self._request_header.get(key)
+        if value is None and not key.islower():
+            value = self._request_header.get(key.lower())
+        return value
 
     def get_request_properties(self) -> dict[str, Any]:
         return self._request_header

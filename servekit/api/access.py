@@ -1,6 +1,6 @@
-"""Per-response bookkeeping on every port: TorchServe's ``Requests2XX/4XX/5XX`` counters and an access log line
-in TorchServe's layout (``/<ip>:<port> "<METHOD> <path> HTTP/1.1" <status> <ms>``) on the ``servekit.access``
-logger."""
+"""Per-response bookkeeping on every port: TorchServe's ``Requests2XX/4XX/5XX`` counters, an access log line in
+TorchServe's layout (``/<ip>:<port> "<METHOD> <path> HTTP/1.1" <status> <ms>``) on the ``servekit.access`` logger,
+and an ``x-request-id`` on every response that has none yet (TorchServe sends one on every answer)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servekit import logs
+from servekit.api.http import new_request_id
 from servekit.metrics import Metrics
 
 logger = logging.getLogger("servekit.access")
 
 
 class AccessLog:
-    """ASGI middleware: count and (if ``log``) log every HTTP response."""
+    """ASGI middleware: count and (if ``log``) log every HTTP response, and give it an ``x-request-id``."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, log: bool) -> None:
         self.app = app
@@ -36,6 +37,9 @@ class AccessLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = message.get("headers", [])
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-request-id", new_request_id().encode())]}
             await send(message)
 
         try:

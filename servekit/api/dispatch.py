@@ -2,6 +2,9 @@
 ``/predictions``, the Open Inference Protocol, KServe v1). It works on the ASGI scope and ``receive`` directly,
 so that ``/predictions`` needs no Starlette request object.
 
+Form bodies are read as TorchServe (Netty) reads them, and their values reach the handler as bytes exactly as the client
+encoded them: a url-encoded value is its percent-decoded bytes, a multipart part its raw bytes (issue 14).
+
 A request may carry ``X-Servekit-Timeout-Ms``: if it is still queued after that many milliseconds it is answered
 504 and never reaches a worker. A request whose client disconnects while it waits is dropped from the queue (the
 connection's disconnect hooks, ``servekit.api.http``).
@@ -9,26 +12,28 @@ connection's disconnect hooks, ``servekit.api.http``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
-from servekit.api.http import disconnect_hooks
+from servekit.api.http import disconnect_hooks, new_request_id
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import Model
 
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
 logger = logging.getLogger("servekit.inference")
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_FORM_ITEMS = 1000  # fields, and files, in one form
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's, not a handler's
 
@@ -36,16 +41,6 @@ FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"
 def header_map(scope: Scope) -> dict[str, str]:
     """The request's headers by lower-case name (the last of repeated ones), as a handler sees them."""
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-
-
-_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
-_id_counter = itertools.count()
-
-
-def new_request_id() -> str:
-    """A request id in UUID form (as TorchServe's): a per-process random prefix and a counter."""
-    p = _ID_PREFIX
-    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-{next(_id_counter):012x}"
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -90,25 +85,102 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_fields(scope: Scope, headers: Mapping[str, str], body: bytes) -> tuple[Field, ...]:
-    """The request's inputs as TorchServe passes them: form fields by name, or the raw ``body``."""
+def read_fields(headers: Mapping[str, str], body: bytes) -> tuple[Field, ...]:
+    """The request's inputs as TorchServe passes them: form fields by name (the last of repeated names wins), or the
+    raw ``body`` with its MIME type."""
     content_type = headers.get("content-type")
-    mime = content_type.split(";", 1)[0].strip().lower() if content_type else None
-    if mime not in FORM_TYPES:
-        return (Field("body", mime, body),)
-    request = Request(scope)
-    request._body = body  # Starlette parses the form from the body it already holds
+    if not content_type:
+        return (Field("body", None, body),)
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime == "application/x-www-form-urlencoded":
+        return urlencoded_fields(body)
+    if mime == "multipart/form-data":
+        return multipart_fields(content_type, body)
+    return (Field("body", mime, body),)
+
+
+def urlencoded_fields(body: bytes) -> tuple[Field, ...]:
+    """Fields split at ``&``; each value the percent-decoded bytes (``+`` a space), with no content type; each name
+    UTF-8 text; a name without ``=`` has an empty value. Malformed escapes pass as they are."""
+    pairs = body.split(b"&")
+    if len(pairs) > MAX_FORM_ITEMS and sum(1 for pair in pairs if pair) > MAX_FORM_ITEMS:
+        raise BadRequestError(f"Malformed form body: more than {MAX_FORM_ITEMS} fields")
+    fields: dict[str, Field] = {}
+    for pair in pairs:
+        if pair:
+            raw_name, _, raw_value = pair.partition(b"=")
+            name = _unquote(raw_name).decode("utf-8", "replace")
+            fields[name] = Field(name, None, _unquote(raw_value))
+    return tuple(fields.values())
+
+
+def _unquote(raw: bytes) -> bytes:
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    return unquote_to_bytes(raw) if b"%" in raw else raw
+
+
+def multipart_fields(content_type: str, body: bytes) -> tuple[Field, ...]:
+    """Each part's bytes as sent. A part with a ``filename`` carries its content type without parameters
+    (``application/octet-stream`` if it names none); any other part carries none, whatever its headers say."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise BadRequestError("Malformed form body: the multipart content type names no boundary")
+    fields: dict[str, Field] = {}
+    counts = {False: 0, True: 0}  # fields and files
+    part: dict[bytes, bytes] = {}  # the current part's headers, by lower-case name
+    header_name, header_value = bytearray(), bytearray()
+    data: list[bytes] = []
+
+    def on_part_begin() -> None:
+        part.clear()
+        data.clear()
+
+    def on_header_field(chunk: bytes, start: int, end: int) -> None:
+        header_name.extend(chunk[start:end])
+
+    def on_header_value(chunk: bytes, start: int, end: int) -> None:
+        header_value.extend(chunk[start:end])
+
+    def on_header_end() -> None:
+        part[bytes(header_name).lower()] = bytes(header_value)
+        header_name.clear()
+        header_value.clear()
+
+    def on_part_data(chunk: bytes, start: int, end: int) -> None:
+        data.append(chunk[start:end])
+
+    def on_part_end() -> None:
+        options = parse_options_header(part.get(b"content-disposition", b""))[1]
+        if b"name" not in options:
+            raise BadRequestError("Malformed form body: a part's Content-Disposition names no field")
+        name = options[b"name"].decode("utf-8", "replace")
+        is_file = b"filename" in options
+        counts[is_file] += 1
+        if counts[is_file] > MAX_FORM_ITEMS:
+            raise BadRequestError(f"Malformed form body: more than {MAX_FORM_ITEMS} {'files' if is_file else 'fields'}")
+        media = None
+        if is_file:
+            media = part.get(b"content-type", b"").split(b";", 1)[0].strip().decode("latin-1")
+            media = media or "application/octet-stream"
+        fields[name] = Field(name, media, b"".join(data))
+
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
     try:
-        form = await request.form()
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except BadRequestError:
+        raise
     except Exception as exc:
         raise BadRequestError(f"Malformed form body: {exc}") from None
-    fields: dict[str, Field] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            fields[name] = Field(name, value.content_type, await value.read())
-        else:
-            fields[name] = Field(name, None, value.encode())
-    await form.close()
     return tuple(fields.values())
 
 
@@ -150,10 +222,12 @@ async def run_request(
     finally:
         model.metrics.request(url_version, status, time.perf_counter() - start)
     out_headers = {k: v for k, v in result.headers.items() if k.lower() not in FRAMING_HEADERS}
+    if result.content_type is not None:  # as the handler set it: a media_type would get "; charset=utf-8" added
+        out_headers["content-type"] = result.content_type
     out_headers["x-request-id"] = request_id
     if result.more is not None:  # streamed: the first chunk now, the rest as the worker sends them
-        return StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers, result.content_type)
-    return Response(result.payload, result.status, out_headers, media_type=result.content_type)
+        return StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers)
+    return Response(result.payload, result.status, out_headers)
 
 
 async def _chunks(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

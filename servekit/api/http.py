@@ -13,6 +13,15 @@ model cannot queue is answered 503 there, and its connection then rests (``Pacin
 Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
 when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
 
+Oversized bodies: a request whose body is over the route's limit is answered 413 at once, and the rest of its body is
+then read and discarded before the connection closes, because a client that sends its whole body before reading the
+answer (Python's http.client, Java's HttpClient) meets a reset connection, not the 413, if the server closes while
+the body still arrives. Discarding is bounded (``discarded_at_most`` the limit, and ``body_timeout``): past it, or
+for a body declared larger, the connection closes at once. The same bound holds for a body that uvicorn discards
+after an ASGI route answered 413 early (``read_body``), where the connection otherwise stays open.
+
+Request ids: ``new_request_id`` names each request (``x-request-id`` on every response, as TorchServe sends).
+
 Direct route: on the inference port, ``/predictions`` requests (``DirectRoute.matches``) are read here, body and
 all, handed to the route as ``(scope, body)``, and its response is written with one ``write``: no ASGI receive/send
 messages, no second write for the head. The route's task is tracked like uvicorn's, so a graceful shutdown waits
@@ -23,8 +32,10 @@ through ASGI as usual.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,6 +46,22 @@ logger = logging.getLogger("servekit.http")
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
 Raw = tuple[int, list[tuple[bytes, bytes]], bytes]  # a response of ours, as written: status, headers, body
+
+
+_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A request id in UUID form (as TorchServe's): a per-process random prefix and a counter."""
+    p = _ID_PREFIX
+    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-{next(_id_counter):012x}"
+
+
+def discarded_at_most(limit: int) -> int:
+    """How many bytes of a body refused with 413 (over ``limit``) are read and discarded before the connection is
+    closed anyway: a few times the limit, and at least 16 MiB."""
+    return max(4 * limit, 16 << 20)
 
 
 def disconnect_hooks(scope: dict[str, Any] | Any) -> Hooks | None:
@@ -59,23 +86,24 @@ class DirectRoute(Protocol):
 
 
 class Pacing:
-    """How long a connection refused for overload rests before it is read again. Under overload a closed-loop client
-    sends its next request the moment it is refused, and an event loop that reads every ready connection in turn
-    spends itself on refusals while the admitted requests and the workers' results wait behind them (issue 13). So a
-    refused connection backs off: it is not read again for ``first_s`` after its first refusal, twice as long after
-    each further refusal in a row, at most ``max_s``, and the count starts over once one of its requests is admitted.
-    A client that hammers is soon read every ``max_s`` only (the ``Retry-After`` its refusals advise); a client that
-    paces its requests or honours ``Retry-After`` is hardly held back. Wake times fall on ``tick_s`` boundaries, so
-    that connections waking together are read in one turn of the event loop rather than one turn each."""
+    """How long connections refused for overload rest. Under overload a closed-loop client sends its next request
+    the moment it is refused, and an event loop that reads every ready connection in turn spends itself on refusals
+    while the admitted requests and the workers' results wait behind them (issue 13). So a refused connection is not
+    read again for ``resting / rate`` seconds (at most ``max_rest_s``; its refusal's ``Retry-After`` says how long):
+    all resting connections together come back at about ``rate`` a second, whatever their number. Wake times fall
+    on ``tick_s`` boundaries, so that connections waking together are read in one turn of the event loop."""
 
-    first_s = 0.05
-    max_s = 2.0
+    rate = 400.0
+    max_rest_s = 2.0
     tick_s = 0.05
 
-    def wake_at(self, now: float, strikes: int) -> float:
-        """When a connection refused at ``now`` (loop time), its ``strikes``-th refusal in a row, is read again."""
-        rest = min(self.max_s, self.first_s * (1 << min(strikes - 1, 16)))
-        return math.ceil((now + rest) / self.tick_s) * self.tick_s
+    def __init__(self) -> None:
+        self.resting = 0
+
+    def wake_at(self, now: float) -> float:
+        """When a connection refused at ``now`` (loop time) is read again."""
+        rest = min(self.max_rest_s, self.resting / self.rate)
+        return float(math.ceil((now + rest) / self.tick_s) * self.tick_s)
 
 
 class Deadlines:
@@ -107,10 +135,11 @@ class _Exchange:
     attributes the base protocol reads and sets (``response_complete``, ``disconnected``, ``keep_alive``,
     ``message_event``)."""
 
-    __slots__ = ("chunks", "disconnected", "keep_alive", "message_event", "response_complete", "size")
+    __slots__ = ("chunks", "discarding", "disconnected", "keep_alive", "message_event", "response_complete", "size")
 
     def __init__(self, keep_alive: bool) -> None:
         self.response_complete = False
+        self.discarding = False  # answered 413: the rest of the body is read and dropped, then the connection closed
         self.disconnected = False
         self.keep_alive = keep_alive
         self.chunks: list[bytes] = []
@@ -124,14 +153,15 @@ class _Exchange:
 class HttpProtocol(HttpToolsProtocol):
     header_timeout = 10.0
     body_timeout = 60.0
+    discard_limit = discarded_at_most(6553500)  # see ``_too_large``
     direct: DirectRoute | None = None
     pacing: Pacing
     _wake: asyncio.TimerHandle | None = None
-    _strikes = 0  # refusals in a row on this connection
     deadlines: Deadlines
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
     _exchange: _Exchange | None = None
+    _discarded = 0  # bytes of a body dropped after its answer went out through ASGI (a 413 from ``read_body``)
 
     def _arm(self, seconds: float) -> None:
         self._deadline = self.loop.time() + seconds
@@ -180,8 +210,6 @@ class HttpProtocol(HttpToolsProtocol):
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
         refusal = self.direct.refuse(scope)  # any inference route
-        if refusal is None:
-            self._strikes = 0
         if refusal is None and not self.direct.matches(method, path):
             super().on_headers_complete()
             return
@@ -191,9 +219,8 @@ class HttpProtocol(HttpToolsProtocol):
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
             status, headers, body = refusal
-            self._strikes += 1
-            wake = self.pacing.wake_at(self.loop.time(), self._strikes)
-            retry_after = str(math.ceil(wake - self.loop.time())).encode()  # how long the connection rests
+            wake = self.pacing.wake_at(self.loop.time())
+            retry_after = str(max(1, math.ceil(wake - self.loop.time()))).encode()  # how long the connection rests
             headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
             if self._write_head(exchange, status, headers, body, checked=True):
                 self._finish(exchange)
@@ -201,12 +228,13 @@ class HttpProtocol(HttpToolsProtocol):
             return
         declared = next((v for k, v in self.headers if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.direct.limit:
-            self._answer(exchange, self.direct.too_large(scope, int(declared)), close=True)
+            self._too_large(exchange, self.direct, int(declared))
 
     def _rest(self, wake: float) -> None:
         """Read nothing more from this connection until ``wake`` (loop time)."""
         if self.transport.is_closing() or self._wake is not None:
             return
+        self.pacing.resting += 1
         self.flow.pause_reading()
         self._wake = self.loop.call_at(wake, self._end_rest)
 
@@ -214,19 +242,28 @@ class HttpProtocol(HttpToolsProtocol):
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
+            self.pacing.resting -= 1
             if not self.transport.is_closing():
                 self.flow.resume_reading()
 
     def on_body(self, body: bytes) -> None:
         exchange = self._exchange
         if exchange is None:
+            if self.cycle is not None and self.cycle.response_complete:  # answered early (a 413): dropped, bounded
+                self._discarded += len(body)
+                if self._discarded > self.discard_limit:
+                    self.transport.close()
             super().on_body(body)
             return
         if exchange.response_complete or self.direct is None:
+            if exchange.discarding:
+                exchange.size += len(body)
+                if exchange.size > self.discard_limit:
+                    self.transport.close()
             return
         exchange.size += len(body)
         if exchange.size > self.direct.limit:
-            self._answer(exchange, self.direct.too_large(self.scope, exchange.size), close=True)  # type: ignore[arg-type]
+            self._too_large(exchange, self.direct, exchange.size)
             return
         exchange.chunks.append(body)
 
@@ -234,9 +271,18 @@ class HttpProtocol(HttpToolsProtocol):
         self._disarm()
         exchange, self._exchange = self._exchange, None
         if exchange is None:
+            self._discarded = 0
             super().on_message_complete()
             return
         if exchange.response_complete or self.direct is None:
+            if exchange.discarding:  # the whole body is in: the client now reads the 413
+                self._finish(exchange)
+            elif self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                # answered from its head (a refusal) and the rest of its body came later, which disarmed the idle
+                # timeout that the answer armed: the connection is idle from now on, as after any response
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
             return
         body = exchange.chunks[0] if len(exchange.chunks) == 1 else b"".join(exchange.chunks)
         exchange.chunks = []
@@ -253,8 +299,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._answer(exchange, response)
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
-            self._strikes += 1
-            self._rest(self.pacing.wake_at(self.loop.time(), self._strikes))
+            self._rest(self.pacing.wake_at(self.loop.time()))
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
@@ -279,13 +324,40 @@ class HttpProtocol(HttpToolsProtocol):
             exchange.response_complete = True
         self._finish(exchange, b"0\r\n\r\n")
 
-    def _answer(self, exchange: _Exchange, response: Response, close: bool = False) -> None:
+    def _answer(self, exchange: _Exchange, response: Response) -> None:
         """Write the whole response at once, then let the next request in (as uvicorn does after a response)."""
         exchange.response_complete = True
-        if close:
-            exchange.keep_alive = False
         if self._write_head(exchange, response.status_code, response.raw_headers, response.body):
             self._finish(exchange)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, with an ``x-request-id`` as every answer has."""
+        body = msg.encode("ascii")
+        headers = [
+            *self.server_state.default_headers,
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+            (b"x-request-id", new_request_id().encode()),
+        ]
+        content = [STATUS_LINE[400]]
+        for name, value in headers:
+            content += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*content, b"\r\n", body]))
+        self.transport.close()
+
+    def _too_large(self, exchange: _Exchange, route: DirectRoute, size: int) -> None:
+        """Answer 413 now; the connection closes once the rest of the body is read and dropped (``on_body``,
+        ``on_message_complete``), or at once if the body is declared larger than we would read."""
+        response = route.too_large(self.scope, size)  # type: ignore[arg-type]
+        exchange.response_complete = True
+        exchange.keep_alive = False
+        if not self._write_head(exchange, response.status_code, response.raw_headers, response.body, checked=True):
+            return
+        if size > self.discard_limit:
+            self._finish(exchange)
+        else:
+            exchange.discarding = True
 
     def _write_head(
         self,
@@ -327,6 +399,7 @@ def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRout
     attributes = {
         "header_timeout": header_timeout,
         "body_timeout": body_timeout,
+        "discard_limit": discarded_at_most(direct.limit) if direct is not None else HttpProtocol.discard_limit,
         "direct": direct,
         "pacing": Pacing(),
         "deadlines": Deadlines(min(1.0, header_timeout / 5, body_timeout / 5)),

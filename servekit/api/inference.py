@@ -14,17 +14,9 @@ from starlette.types import ASGIApp, Scope
 
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenAuth, TokenStore
-from servekit.api.dispatch import (
-    header,
-    header_map,
-    new_request_id,
-    read_body,
-    read_fields,
-    request_timeout,
-    run_request,
-)
+from servekit.api.dispatch import header, header_map, read_body, read_fields, request_timeout, run_request
 from servekit.api.errors import error_response, install_error_handlers
-from servekit.api.http import Raw
+from servekit.api.http import Raw, new_request_id
 from servekit.api.v2 import create_v2_router
 from servekit.errors import RequestTooLargeError, ServekitError, error_body
 from servekit.metrics import Metrics
@@ -119,6 +111,8 @@ class Predictions:
         return error.status_code, headers, body
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response:
+        """The 413 for a body over the limit; without ``x-request-id``, as TorchServe's (answered by Netty before
+        the request has an id)."""
         exc = RequestTooLargeError(size, self.limit)
         self.access.done(scope, exc.status_code, time.perf_counter())
         return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
@@ -132,17 +126,22 @@ class Predictions:
             model = self.registry.get(name, version or None)
 
             async def read() -> tuple[tuple[Field, ...], float | None]:
-                fields = await read_fields(scope, headers, body)
+                fields = read_fields(headers, body)
                 if model.pool.input_check is not None:
                     model.pool.input_check(fields)  # a bad input never takes a place in a batch
                 return fields, request_timeout(headers)
 
             return await run_request(model, scope, headers, read, version or "default")
-        except ServekitError as exc:
-            return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+        except ServekitError as exc:  # before the request was queued: no key, no such model
+            return error_response(exc.status_code, type(exc).__name__, exc.message, _with_id(exc.headers))
         except Exception:  # a bug of ours: log it, answer JSON as for every other error
             logger.exception("unexpected error serving %s", scope["path"])
-            return error_response(500, "InternalServerError", "Internal server error")
+            return error_response(500, "InternalServerError", "Internal server error", _with_id({}))
+
+
+def _with_id(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` and a fresh ``x-request-id``, for an answer given before a request had one."""
+    return {**headers, "x-request-id": new_request_id()}
 
 
 def create_inference_app(

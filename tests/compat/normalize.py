@@ -4,7 +4,6 @@ what a documented difference may change (``Expected.tolerate``), each applied to
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -71,16 +70,6 @@ def workers_normalized(value: Any) -> Any:
         for worker in model.get("workers", []) if isinstance(model, dict) else []:
             worker.update({k: "*" for k in ("id", "pid", "startTime", "memoryUsage") if k in worker})
     return value
-
-
-def prometheus_labels_sorted(text: str) -> str:
-    """Label sets written as the Prometheus client does: sorted, no trailing comma."""
-
-    def sort(match: re.Match[str]) -> str:
-        labels = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2))
-        return match.group(1) + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels)) + "}"
-
-    return re.sub(r"^(\w+)\{([^}]*)\}", sort, text, flags=re.MULTILINE)
 
 
 def sorted_lines(text: str) -> str:
