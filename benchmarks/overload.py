@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -42,19 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = Path(os.environ.get("SHARED_BENCH", REPO.parent / "shared" / "bench")).resolve()
-
-
-def load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    if spec is None or spec.loader is None or not (BENCH / "run.py").is_file():
-        sys.exit(f"ERROR: the reference harness is not at {BENCH} (set SHARED_BENCH)")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    spec.loader.exec_module(mod)
-    return mod
-
+from harness import BENCH, REPO, load_harness
 
 Row = tuple[float, int, float]  # a request hey sent: offset (s), status (0: no answer), latency (s)
 

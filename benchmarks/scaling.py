@@ -17,7 +17,6 @@ file with the tags scale-*. Run it through `benchmarks/scaling.sh` (installs wrk
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -27,17 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = Path(os.environ.get("SHARED_BENCH", REPO.parent / "shared" / "bench")).resolve()
-
-
-def load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    if spec is None or spec.loader is None or not (BENCH / "run.py").is_file():
-        sys.exit(f"ERROR: the reference harness is not at {BENCH} (set SHARED_BENCH)")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from harness import BENCH, REPO, load_harness
 
 
 class Runner:
