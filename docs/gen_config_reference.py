@@ -39,6 +39,7 @@ TYPES = {
     "float": "number",
     "bool": "boolean",
     "str": "text",
+    "str | None": "text",
 }
 
 HEADER = """\

@@ -103,6 +103,11 @@ class Settings:
     decode_input_request: bool = True
     """Decode request values for the handler as TorchServe does (``application/json``: the parsed JSON,
     ``text/*``: ``str``, else ``bytearray``); false passes every value as ``bytearray``."""
+    service_envelope: str | None = None
+    """Wrap every model's handler in one of TorchServe's request envelopes: ``kserve`` (a body's ``instances`` are
+    the handler's data, its results answered as ``{"predictions": [...]}``) or ``kservev2`` (the Open Inference
+    Protocol's ``inputs`` in, ``outputs`` out). With one, ``/v1/models/{m}:predict`` and ``/v2/models/{m}/infer``
+    go through the handler as in TorchServe; without, they are served natively on the model's tensors."""
     number_of_gpu: int | None = None
     """Use at most this many GPUs (default: every NVIDIA GPU visible, narrowed by ``CUDA_VISIBLE_DEVICES``); 0
     runs every model on the CPU."""
@@ -130,6 +135,7 @@ class Settings:
     """Every key and value as read, the unused ones included; internal."""
 
 
+ENVELOPES = ("kserve", "kservev2")  # TorchServe's json and body envelopes are not served
 _INT_KEYS = (
     "default_workers_per_model",
     "job_queue_size",
@@ -156,6 +162,7 @@ _ENV_KEYS = (
     "load_models",
     "number_of_gpu",
     "allowed_urls",
+    "service_envelope",
     *_INT_KEYS,
     *_FLOAT_KEYS,
     *_BOOL_KEYS,
@@ -274,6 +281,12 @@ def settings_from(values: Mapping[str, str]) -> Settings:
         if values["log_format"] not in ("text", "json"):
             raise ConfigError(f"log_format: expected text or json, got {values['log_format']!r}")
         kwargs["log_format"] = values["log_format"]
+    if values.get("service_envelope"):
+        if values["service_envelope"] not in ENVELOPES:
+            raise ConfigError(
+                f"service_envelope: expected one of {', '.join(ENVELOPES)}, got {values['service_envelope']!r}"
+            )
+        kwargs["service_envelope"] = values["service_envelope"]
     if "snapshots" in values:
         kwargs["snapshots"] = _as_bool("snapshots", values["snapshots"])
     return Settings(raw=dict(values), **kwargs)  # type: ignore[arg-type]

@@ -270,15 +270,38 @@ class BaseHandler:
         if context.get_request_header(0, "describe") == "True":
             return [self.describe_handle()]
         model_input = self.preprocess(data)
-        if context.get_request_header(0, "explain") == "True":
+        if self._is_explain():
             output = self.explain_handle(model_input, data)
         else:
             output = self.postprocess(self.inference(model_input))
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2))
         return output
 
+    def _is_explain(self) -> bool:
+        """Whether the batch asks for explanations: request 0's ``explain`` header is ``"True"`` (``/explanations``,
+        KServe's ``:explain`` and ``/explain``)."""
+        if self.context and self.context.get_request_header(0, "explain") == "True":
+            self.explain = True
+            return True
+        return False
+
     def explain_handle(self, data_preprocess: Any, raw_data: list[Any]) -> list[Any]:
-        raise PredictionException("This handler does not implement explanations", 501)
+        """The explanations of a batch, as TorchServe computes them: ``get_insights`` on the preprocessed batch,
+        with request 0's ``data`` (else ``body``) and its ``target`` (0 when absent)."""
+        inputs = None
+        target = 0
+        row = raw_data[0]
+        if isinstance(row, dict):
+            inputs = row.get("data") or row.get("body")
+            target = row.get("target") or 0
+        return self.get_insights(data_preprocess, inputs, target)
+
+    def get_insights(self, tensor_data: Any, raw_data: Any, target: Any) -> list[Any]:
+        """Override to explain a batch (TorchServe's handlers use Captum, an optional package: ``pip install
+        captum``). By default explanations are not served: 500 naming the handler."""
+        raise PredictionException(
+            f"{type(self).__name__} does not explain its predictions: it has no get_insights", 500
+        )
 
     def describe_handle(self) -> str:
         return json.dumps({"model": (self.manifest or {}).get("model", {})})

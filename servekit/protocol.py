@@ -39,6 +39,7 @@ class LoadCommand:
     torch_threads: int
     decode_input_request: bool = True
     max_response_size: int = 6553500
+    envelope: str | None = None  # TorchServe's request envelope around the handler (servekit.envelope)
 
 
 @dataclass(frozen=True, slots=True)

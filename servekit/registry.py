@@ -284,6 +284,7 @@ class ModelRegistry:
                 torch_threads=threads,
                 decode_input_request=self.settings.decode_input_request,
                 max_response_size=self.settings.max_response_size,
+                envelope=self.settings.service_envelope,
             )
 
         pool_settings = PoolSettings(

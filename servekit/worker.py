@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from servekit import oip, protocol
+from servekit.envelope import wrap
 from servekit.errors import error_body
 from servekit.handler import DEFAULT_HANDLER, Context, EntryPoint, PredictionException, RequestProcessor, load_handler
 from servekit.tensors import TensorRunner
@@ -95,9 +96,10 @@ class Worker:
             command.gpu_id,
             model_yaml_config=command.model_yaml_config,
         )
-        self.entry: EntryPoint = load_handler(command.handler or DEFAULT_HANDLER, command.model_dir, self.context)
-        self.tensors = TensorRunner(getattr(self.entry, "__self__", None), self.context)
-        self.input_schema = declared(self.entry, "input_schema")
+        handler = load_handler(command.handler or DEFAULT_HANDLER, command.model_dir, self.context)
+        self.tensors = TensorRunner(getattr(handler, "__self__", None), self.context)
+        self.input_schema = declared(handler, "input_schema")
+        self.entry: EntryPoint = wrap(handler, command.envelope) if command.envelope else handler
 
     def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
         """One batch: the answers, the time it took (TorchServe's ``PredictionTime``) and the handler's metrics."""

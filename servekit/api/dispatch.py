@@ -36,6 +36,10 @@ logger = logging.getLogger("servekit.inference")
 MAX_FORM_ITEMS = 1000  # fields, and files, in one form
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's, not a handler's
+PREDICTION_HEADERS: Mapping[str, str] = {
+    "url_path": "",
+    "explain": "False",
+}  # what TorchServe adds to a /predictions request's headers
 
 
 def header_map(scope: Scope) -> dict[str, str]:
@@ -198,16 +202,18 @@ async def run_request(
     read: Callable[[], Awaitable[tuple[tuple[Field, ...], float | None]]],
     url_version: str,
     render_error: ErrorRenderer = torchserve_error,
+    route_headers: Mapping[str, str] = PREDICTION_HEADERS,
 ) -> Response:
     """Read a request's inputs and queueing budget (``read``), queue them for ``model``, and answer: the shared
-    path of every inference route. Counts and times it, logs a failure once with its request id, and sends
+    path of every inference route. The handler sees the request's headers and the route's (``url_path`` and
+    ``explain`` by default). Counts and times it, logs a failure once with its request id, and sends
     ``x-request-id``."""
     request_id = new_request_id()
     start = time.perf_counter()
     status = 500
     try:
         fields, timeout_s = await read()
-        worker_headers = {**headers, "url_path": "", "explain": "False"}
+        worker_headers = {**headers, **route_headers}
         result = await model.infer(
             WorkerRequest(request_id, worker_headers, fields), timeout_s, disconnect_hooks(scope)
         )

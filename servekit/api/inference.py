@@ -1,11 +1,16 @@
-"""The inference API (port 8080): ``/ping``, TorchServe's ``/predictions/{model}[/{version}]``, and the Open
-Inference Protocol and KServe v1 routes (``servekit.api.v2``)."""
+"""The inference API (port 8080): ``/ping``, TorchServe's ``/predictions/{model}[/{version}[/{url_path...}]]``,
+its SageMaker (``/invocations``, ``/models/{model}/invoke``) and legacy (``/{model}[/{version}]/predict``) routes,
+the OpenAPI description (``OPTIONS /``, and of one model ``OPTIONS`` on its routes), and the Open Inference Protocol
+and KServe v1 routes (``servekit.api.v2``)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import FastAPI, Request
@@ -14,11 +19,19 @@ from starlette.types import ASGIApp, Scope
 
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenAuth, TokenStore
-from servekit.api.dispatch import header, header_map, read_body, read_fields, request_timeout, run_request
+from servekit.api.dispatch import (
+    PREDICTION_HEADERS,
+    header,
+    header_map,
+    read_body,
+    read_fields,
+    request_timeout,
+    run_request,
+)
 from servekit.api.errors import error_response, install_error_handlers
 from servekit.api.http import Raw, new_request_id
 from servekit.api.v2 import create_v2_router
-from servekit.errors import RequestTooLargeError, ServekitError, error_body
+from servekit.errors import BadRequestError, RequestTooLargeError, ServekitError, error_body
 from servekit.metrics import Metrics
 from servekit.protocol import Field
 from servekit.registry import ModelRegistry
@@ -45,6 +58,37 @@ def inference_target(method: str, path: str) -> tuple[str, str, bool] | None:
     if path.startswith(V1_PREFIX) and path.endswith(":predict"):
         return path[len(V1_PREFIX) : -len(":predict")], "", True
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How TorchServe serves an inference request other than ``/predictions/{model}[/{version}]``: the model
+    (``None``: the request's ``model_name`` input), its version (empty: the default), inputs from the query string
+    (before the body's: a body input of the same name wins) and the headers TorchServe adds for the handler."""
+
+    name: str | None
+    version: str = ""
+    query: tuple[Field, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def query_fields(scope: Scope) -> tuple[Field, ...]:
+    """The query string's parameters as inputs (UTF-8 bytes, no content type), as TorchServe's legacy and SageMaker
+    routes pass them."""
+    query = scope["query_string"].decode("utf-8", "replace")
+    return tuple(Field(k, None, v.encode()) for k, v in parse_qsl(query, keep_blank_values=True))
+
+
+def model_api(name: str) -> dict[str, Any]:
+    """The OpenAPI description of one model's inference routes (TorchServe's ``OpenApiUtils.getModelApi``)."""
+    operation = {
+        "description": f"A predict entry point for model: {name}.",
+        "operationId": name,
+        "responses": {"200": {"description": "OK"}, "500": {"description": "Internal Server Error"}},
+    }
+    paths = (f"/predictions/{name}", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer")
+    info = {"title": f"RESTful API for: {name}", "version": "1.0.0"}
+    return {"openapi": "3.0.1", "info": info, "paths": {path: {"post": operation} for path in paths}}
 
 
 class Predictions:
@@ -117,21 +161,38 @@ class Predictions:
         self.access.done(scope, exc.status_code, time.perf_counter())
         return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
 
-    async def answer(self, scope: Scope, body: bytes) -> Response:
-        name, _, version = scope["path"][len(PREFIX) :].partition("/")
+    async def answer(self, scope: Scope, body: bytes, route: Route | None = None) -> Response:
+        """Serve ``/predictions/{model}[/{version}]``, or with ``route`` any other inference route."""
+        if route is None:
+            name: str | None
+            name, _, version = scope["path"][len(PREFIX) :].partition("/")
+            query: tuple[Field, ...] = ()
+            route_headers = PREDICTION_HEADERS
+        else:
+            name, version, query, route_headers = route.name, route.version, route.query, route.headers
         headers = header_map(scope)
         try:
             if self.tokens is not None:
                 self.tokens.check("inference", headers.get("authorization"))
+            inputs: tuple[Field, ...] | None = None
+            if name is None:  # TorchServe reads the inputs first, then looks for one named model_name
+                inputs = query + read_fields(headers, body)
+                name = next((f.value.decode("utf-8", "replace") for f in inputs if f.name == "model_name"), None)
+                if name is None:
+                    raise BadRequestError("Parameter model_name is required.")
             model = self.registry.get(name, version or None)
+            if route is not None and scope["method"] == "OPTIONS":
+                return JSONResponse(model_api(model.name))
 
             async def read() -> tuple[tuple[Field, ...], float | None]:
-                fields = read_fields(headers, body)
+                fields = inputs if inputs is not None else read_fields(headers, body)
+                if query and inputs is None:
+                    fields = query + fields
                 if model.pool.input_check is not None:
                     model.pool.input_check(fields)  # a bad input never takes a place in a batch
                 return fields, request_timeout(headers)
 
-            return await run_request(model, scope, headers, read, version or "default")
+            return await run_request(model, scope, headers, read, version or "default", route_headers=route_headers)
         except ServekitError as exc:  # before the request was queued: no key, no such model
             return error_response(exc.status_code, type(exc).__name__, exc.message, _with_id(exc.headers))
         except Exception:  # a bug of ours: log it, answer JSON as for every other error
@@ -165,6 +226,52 @@ def create_inference_app(
     @app.api_route("/predictions/{model_name}/{version}", methods=ANY_METHOD)
     async def predict(model_name: str, version: str, request: Request) -> Response:
         return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
+
+    @app.options("/", include_in_schema=False)
+    async def describe_api() -> Response:
+        return JSONResponse(app.openapi())
+
+    methods = [*ANY_METHOD, "OPTIONS"]  # OPTIONS: the model's OpenAPI description
+
+    @app.api_route("/predictions/{model_name}/{version}/{url_path:path}", methods=methods)
+    async def predict_url_path(model_name: str, version: str, url_path: str, request: Request) -> Response:
+        """The path's rest reaches the handler as the ``url_path`` header (without trailing slashes, as TorchServe
+        splits paths)."""
+        route = Route(model_name, version, headers={"url_path": url_path.rstrip("/"), "explain": "False"})
+        return await routed(request, route)
+
+    @app.options("/predictions/{model_name}", include_in_schema=False)
+    async def options_default(model_name: str, request: Request) -> Response:
+        return await routed(request, Route(model_name))
+
+    @app.options("/predictions/{model_name}/{version}", include_in_schema=False)
+    async def options_version(model_name: str, version: str, request: Request) -> Response:
+        return await routed(request, Route(model_name, version))
+
+    @app.api_route("/invocations", methods=methods)
+    async def sagemaker_invocations(request: Request) -> Response:
+        """SageMaker's route: the model is the ``model_name`` query parameter; without one, the only model loaded
+        at startup if there is just one, else the request's ``model_name`` input."""
+        name = request.query_params.get("model_name")
+        if not name:
+            startup = {m.name for m in registry.defaults() if m.loaded_at_startup}
+            name = startup.pop() if len(startup) == 1 else name
+        return await routed(request, Route(name, query=query_fields(request.scope)))
+
+    @app.api_route("/models/{model_name}/invoke", methods=methods)
+    async def sagemaker_invoke(model_name: str, request: Request) -> Response:
+        return await routed(request, Route(model_name, query=query_fields(request.scope)))
+
+    @app.api_route("/{model_name}/predict", methods=methods)
+    async def legacy_predict(model_name: str, request: Request) -> Response:
+        return await routed(request, Route(model_name, query=query_fields(request.scope)))
+
+    @app.api_route("/{model_name}/{version}/predict", methods=methods)
+    async def legacy_predict_version(model_name: str, version: str, request: Request) -> Response:
+        return await routed(request, Route(model_name, version, query=query_fields(request.scope)))
+
+    async def routed(request: Request, route: Route) -> Response:
+        return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit), route)
 
     app.include_router(create_v2_router(registry))
     rest: ASGIApp = app if tokens is None else TokenAuth(app, store=tokens, kind="inference", open_paths=OPEN_PATHS)

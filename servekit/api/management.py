@@ -127,6 +127,11 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
     app = FastAPI(title="servekit management API", openapi_url=API_DESCRIPTION, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     settings = registry.settings
+
+    @app.options("/", include_in_schema=False)
+    async def describe_api() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     if tokens is not None:
         app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION, "/docs"))
 

@@ -17,7 +17,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from servekit.api.dispatch import header_map, read_body, run_request
+from servekit.api.dispatch import (
+    PREDICTION_HEADERS,
+    header_map,
+    read_body,
+    read_fields,
+    request_timeout,
+    run_request,
+    torchserve_error,
+)
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
 from servekit.oip import HEADER_LENGTH, V2_CONTENT_TYPE, InferRequest, parse_request, to_worker, validate
@@ -25,6 +33,7 @@ from servekit.protocol import Field
 from servekit.registry import Model, ModelRegistry
 
 EXTENSIONS = ["binary_tensor_data"]
+EXPLANATION_HEADERS = {**PREDICTION_HEADERS, "explain": "True"}  # what TorchServe adds to an explanation request
 
 
 def v2_error(exc: ServekitError, headers: dict[str, str]) -> Response:
@@ -74,6 +83,7 @@ def instances_request(model: Model, body: bytes) -> InferRequest:
 def create_v2_router(registry: ModelRegistry) -> APIRouter:
     router = APIRouter()
     limit = registry.settings.max_request_size
+    enveloped = registry.settings.service_envelope is not None
 
     def lookup(name: str, version: str | None) -> Model:
         return registry.get(name, version)
@@ -117,12 +127,49 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
         is_ready = model.pool.ready > 0
         return JSONResponse({"name": model.name, "ready": is_ready}, 200 if is_ready else 400)
 
+    async def through_handler(name: str, version: str | None, request: Request, explain: bool) -> Response:
+        """The body as sent to the handler (inside the envelope, if one is configured), as TorchServe does."""
+        try:
+            model = lookup(name, version)
+        except ServekitError as exc:
+            return torchserve_error(exc, {})
+
+        async def read() -> tuple[tuple[Field, ...], float | None]:
+            return read_fields(headers, await read_body(request.receive, headers, limit)), request_timeout(headers)
+
+        headers = header_map(request.scope)
+        route_headers = EXPLANATION_HEADERS if explain else PREDICTION_HEADERS
+        return await run_request(model, request.scope, headers, read, version or "default", torchserve_error,
+                                 route_headers)  # fmt: skip
+
+    @router.api_route("/explanations/{name}", methods=["POST", "PUT"])
+    async def explain_default(name: str, request: Request) -> Response:
+        return await through_handler(name, None, request, explain=True)
+
+    @router.api_route("/explanations/{name}/{version}", methods=["POST", "PUT"])
+    async def explain(name: str, version: str, request: Request) -> Response:
+        return await through_handler(name, version, request, explain=True)
+
+    @router.post("/v1/models/{name}:explain")
+    async def v1_explain(name: str, request: Request) -> Response:
+        return await through_handler(name, None, request, explain=True)
+
+    @router.post("/v2/models/{name}/explain")
+    async def v2_explain_default(name: str, request: Request) -> Response:
+        return await through_handler(name, None, request, explain=True)
+
+    @router.post("/v2/models/{name}/versions/{version}/explain")
+    async def v2_explain(name: str, version: str, request: Request) -> Response:
+        return await through_handler(name, version, request, explain=True)
+
     @router.post("/v2/models/{name}/infer")
     async def infer_default(name: str, request: Request) -> Response:
         return await infer(name, None, request)
 
     @router.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, version: str | None, request: Request) -> Response:
+        if enveloped:
+            return await through_handler(name, version, request, explain=False)
         try:
             model = lookup(name, version)
         except ServekitError as exc:
@@ -150,6 +197,8 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
 
     @router.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request) -> Response:
+        if enveloped:
+            return await through_handler(name, None, request, explain=False)
         try:
             model = lookup(name, None)
         except ServekitError as exc:

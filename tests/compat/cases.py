@@ -17,10 +17,6 @@ D_CACHE = "TorchServe's `Pragma`, `Cache-Control` and `Expires` headers are not 
 D_CONNECTION = "connections stay open after an error answer (except a 413, which closes)"
 D_ERROR_NAMES = "servekit's error names (`ModelNotFoundError`, `HandlerError`, `QueueFullError`, ...)"
 D_EXPLAIN = "`/explanations/...` and KServe v1 `:explain` (there is no explanation API)"
-D_URL_PATH = "`/predictions/{m}/{v}/{more...}` (TorchServe passes the rest as the `url_path` header"
-D_SAGEMAKER = "the SageMaker routes `/invocations` and `/models/{m}/invoke`"
-D_LEGACY = "the legacy `/{m}/predict`"
-D_OPTIONS = "the OpenAPI description as `OPTIONS /` or `OPTIONS /predictions/{m}`"
 D_CUSTOMIZED = "`?customized=true` on describe is ignored (no `describe_handle` call)"
 D_RAISED = "| the handler raised | **500** `HandlerError`"
 D_BAD_OUTPUT = "| the handler returned something other than a list, or a list of the wrong length | **500**"
@@ -119,8 +115,8 @@ HEALTH_AND_ROUTES = [
     ),
     case("ping_post", req("POST", "/ping")),
     case("root_get", req("GET", "/")),
-    case("root_options", req("OPTIONS", "/"), body="skip", expected=(exp("status", D_OPTIONS),)),
-    case("model_options", req("OPTIONS", "/predictions/noop"), body="skip", expected=(exp("status", D_OPTIONS),)),
+    case("root_options", req("OPTIONS", "/"), body="skip"),
+    case("model_options", req("OPTIONS", "/predictions/noop"), body="skip"),
     case("api_description", req("GET", "/api-description"), body="skip"),
     case("unknown_route", req("GET", "/nope")),
     case(
@@ -352,7 +348,7 @@ MANAGEMENT = [
     case("unregister_missing_version", mgmt("DELETE", "/models/noop/9.9"), expected=error_names()),
     case("models_patch", mgmt("PATCH", "/models")),
     case("management_root_get", mgmt("GET", "/")),
-    case("management_root_options", mgmt("OPTIONS", "/"), body="skip", expected=(exp("status", D_OPTIONS),)),
+    case("management_root_options", mgmt("OPTIONS", "/"), body="skip"),
 ]
 
 PROMETHEUS = (n.HOSTNAMES, n.SAMPLE_VALUES)
@@ -374,18 +370,19 @@ METRICS = [
     )
 ] + [case("metrics_unfiltered_content_type", Request("GET", "/metrics", port="metrics"), body="skip")]
 
-# Routes TorchServe serves and servekit does not; after METRICS, whose per-model counts they would change.
+# Routes TorchServe serves and servekit does not, and the rarer inference routes; after METRICS, whose per-model
+# counts they would change.
 UNSERVED = [
     case("mnist_explanations", req("POST", "/explanations/mnist", digit_png(2)), expected=whole_answer(D_EXPLAIN)),
     case("inspect_explanations", req("POST", "/explanations/inspect", b"e"), expected=whole_answer(D_EXPLAIN)),
-    case("inspect_url_path", req("POST", "/predictions/inspect/1.0/v1/extra", b"u"), expected=whole_answer(D_URL_PATH)),
+    case("inspect_url_path", req("POST", "/predictions/inspect/1.0/v1/extra", b"u"), expected=(RESULT_CT,)),
     case(
         "sagemaker_invocations",
         req("POST", "/invocations?model_name=inspect", b"s"),
-        expected=whole_answer(D_SAGEMAKER),
+        expected=(RESULT_CT,),
     ),
-    case("sagemaker_invoke", req("POST", "/models/inspect/invoke", b"s"), expected=whole_answer(D_SAGEMAKER)),
-    case("legacy_predict", req("POST", "/inspect/predict", b"l"), expected=whole_answer(D_LEGACY)),
+    case("sagemaker_invoke", req("POST", "/models/inspect/invoke", b"s"), expected=(RESULT_CT,)),
+    case("legacy_predict", req("POST", "/inspect/1.0/predict?q=1", b"l"), expected=(RESULT_CT,)),
 ]
 
 # Last, as it unregisters "slow" while it serves a request. (TorchServe's 408 for an unregistration past
