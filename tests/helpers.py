@@ -144,19 +144,28 @@ def running_server(
     """``servekit start --foreground`` in a subprocess on free ports; stopped (TERM, then KILL) afterwards.
     By default without token auth and snapshots: tests of those pass their own ``args``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(3)]
-    cfg = write_config(workdir / "config.properties", ports, config)
     log = workdir / "server.log"
     env = {**os.environ, "TMPDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "servekit", "start", "--foreground", "--model-store", str(store)]
-    command += ["--ts-config", str(cfg), "--models", *models, *args]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports)
-    server = Server(process, inference, management, metrics, log, workdir)
+    for attempt in range(3):
+        # A free port can be taken (by a client's ephemeral port) before the server binds it: then try others.
+        ports = [free_port() for _ in range(3)]
+        cfg = write_config(workdir / "config.properties", ports, config)
+        command = [sys.executable, "-m", "servekit", "start", "--foreground", "--model-store", str(store)]
+        command += ["--ts-config", str(cfg), "--models", *models, *args]
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+        inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports)
+        server = Server(process, inference, management, metrics, log, workdir)
+        try:
+            if wait:
+                wait_healthy(server.inference, process, log)
+        except RuntimeError:
+            stop_process(process)
+            if attempt < 2 and "address already in use" in log.read_text(errors="replace"):
+                continue
+            raise
+        break
     try:
-        if wait:
-            wait_healthy(server.inference, process, log)
         yield server
     finally:
         stop_process(process)
