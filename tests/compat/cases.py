@@ -32,6 +32,8 @@ D_HEADER_CASE = "**Request headers** reach the handler with lower-case names"
 D_METHODS = "`/predictions/{m}[/{v}]` answers `GET`, `POST`, `PUT`, `DELETE` and `PATCH` (TorchServe: any method)"
 D_DESCRIBE = "without TorchServe's fields for features servekit does not have"
 D_OIP = "the Open Inference Protocol routes are always on"
+D_UNREGISTERED_RUNNING = "| a request running when its model is unregistered | answered once the worker stops"
+D_WORKER_DIED = "| the worker process died (crash, signal, OOM kill) | **500** `WorkerDiedError`, naming the signal"
 D_RETRY_AFTER = "| any 503 (no worker, queue full, unregistering) | with `Retry-After`"
 
 OCTET = (("content-type", "application/octet-stream"),)
@@ -58,8 +60,8 @@ def case(name: str, *requests: Request, **kw: Any) -> Case:
     return Case(name, requests, **kw)
 
 
-def exp(aspect: str, docs: str, tolerate: Callable[[str], str] | None = None) -> Expected:
-    return Expected(aspect, docs, tolerate)
+def exp(aspect: str, docs: str, tolerate: Callable[[str], str] | None = None, sometimes: bool = False) -> Expected:
+    return Expected(aspect, docs, tolerate, sometimes)
 
 
 def multipart(*parts: tuple[str, str | None, str | None, bytes]) -> tuple[bytes, tuple[tuple[str, str], ...]]:
@@ -164,7 +166,7 @@ RESULTS = [
         req("POST", "/predictions/echo", b"x" * 2_000_000, OCTET),
         body="text",
         headers=(*CLIENT_HEADERS, "connection"),
-        expected=(exp("body", D_413), exp("header:content-type", D_413)),
+        expected=(exp("body", D_413), exp("header:content-type", D_413), exp("header:connection", D_CONNECTION)),
     ),
     kinds("str", RESULT_CT, body="text"),
     kinds("unicode", RESULT_CT, body="text"),
@@ -399,6 +401,12 @@ UNREGISTER_DURING_INFERENCE = [
         "unregister_during_inference",
         req("POST", "/predictions/slow", b"4", timeout=15),
         mgmt("DELETE", "/models/slow", delay=1.0),
+        # TorchServe answers the running request 500 "Worker died." in some runs and never in others; servekit always
+        # answers it, naming the model and the signal.
+        expected=(
+            exp("status[0]", D_UNREGISTERED_RUNNING, sometimes=True),
+            exp("body[0]", D_WORKER_DIED, sometimes=True),
+        ),
     ),
 ]
 
