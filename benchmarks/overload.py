@@ -45,17 +45,30 @@ from harness import BENCH, REPO, load_harness
 Row = tuple[float, int, float]  # a request hey sent: offset (s), status (0: no answer), latency (s)
 
 
-def hey(url: str, body: Path, seconds: float, workers: int, rate_per_worker: float | None) -> tuple[list[Row], float]:
-    """Every request hey sent, sorted by offset, and hey's own CPU seconds."""
-    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-m", "POST", "-T", "application/json", "-D", str(body)]
-    cmd += ["-t", "10", "-o", "csv"] + (["-q", f"{rate_per_worker:.3f}"] if rate_per_worker else []) + [url]
+def hey(
+    url: str, body: Path, seconds: float, workers: int, rate_per_worker: float | None, phases: int = 1
+) -> tuple[list[Row], float]:
+    """Every request hey sent, sorted by offset, and hey's own CPU seconds. With a rate, the workers of one hey tick
+    in step (each starts its ticker as it starts), so the rate arrives as bursts of ``workers`` requests; ``phases``
+    hey processes, each with its share of the workers and started 1/phases of a tick apart, offer it smoother."""
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers // phases), "-m", "POST", "-T", "application/json"]
+    cmd += ["-D", str(body), "-t", "10", "-o", "csv"] + (["-q", f"{rate_per_worker:.3f}"] if rate_per_worker else [])
+    tick = 1 / rate_per_worker if rate_per_worker else 0.0
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = []
+    start = time.perf_counter()
+    for i in range(phases):
+        time.sleep(max(0.0, start + i * tick / phases - time.perf_counter()))
+        delay = time.perf_counter() - start
+        procs.append(
+            (delay, subprocess.Popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        )
     rows = [
-        (float(row["offset"]), int(row.get("status-code") or 0), float(row["response-time"]))
-        for row in csv.DictReader(io.StringIO(out))
+        (delay + float(row["offset"]), int(row.get("status-code") or 0), float(row["response-time"]))
+        for delay, proc in procs
+        for row in csv.DictReader(io.StringIO(proc.communicate()[0]))
     ]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return sorted(rows), after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
@@ -168,7 +181,9 @@ def measure(h: ModuleType, cfg: Any, args: argparse.Namespace, server: str, work
             before = resources(front)
             target = args.open_factor * capacity
             busy0, cpu0, t0 = handler_seconds(metrics_port), cpu(h, srv), time.time()
-            rows, hey_cpu = hey(url, body, args.open_seconds, args.open_workers, target / args.open_workers)
+            rows, hey_cpu = hey(
+                url, body, args.open_seconds, args.open_workers, target / args.open_workers, args.open_phases
+            )
             wall = time.time() - t0
             cell = summarize_open(rows, args.open_seconds, capacity)
             cell.update(
@@ -256,6 +271,7 @@ def main() -> int:
     ap.add_argument("--open-seconds", type=int, default=60, help="0 skips the open-loop cell")
     ap.add_argument("--open-factor", type=float, default=2.0)
     ap.add_argument("--open-workers", type=int, default=1024, help="hey workers; each waits for its answer")
+    ap.add_argument("--open-phases", type=int, default=8, help="hey processes, started a fraction of a tick apart")
     ap.add_argument("--multi", action="store_true", help="also a second model within its capacity")
     ap.add_argument("--multi-rate", type=float, default=200.0)
     ap.add_argument("--json", default=None)

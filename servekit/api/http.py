@@ -8,7 +8,7 @@ loris) holds a connection forever. Here a connection is closed when a request's 
 keep uvicorn's own timeout.
 
 Overload: every inference request's head is offered to the route's ``refuse`` before its body is read; a request the
-model cannot queue is answered 503 there, and its connection then rests (``Pacing``, issue 13).
+model cannot queue is answered 503 there, and its connection rests if it comes straight back (``Pacing``, issue 13).
 
 Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
 when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
@@ -114,6 +114,8 @@ class HttpProtocol(HttpToolsProtocol):
     direct: DirectRoute | None = None
     pacing: Pacing
     _wake: asyncio.TimerHandle | None = None
+    _refused: tuple[float, float] | None = None  # the last refusal (loop time) and when the connection may rest until
+    _held = b""  # what a resting connection sent, parsed when it wakes
     deadlines: Deadlines
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
@@ -176,16 +178,25 @@ class HttpProtocol(HttpToolsProtocol):
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
             status, headers, body = refusal
-            wake = self.pacing.wake_at(self.loop.time())
-            retry_after = str(max(1, math.ceil(wake - self.loop.time()))).encode()  # how long the connection rests
+            refused = self.pacing.refused(self.loop)
+            retry_after = str(max(1, math.ceil(refused[1] - refused[0]))).encode()  # how long the connection rests
             headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
             if self._write_head(exchange, status, headers, body, checked=True):
                 self._finish(exchange)
-                self._rest(wake)
+                self._refused = refused
             return
         declared = next((v for k, v in self.headers if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.direct.limit:
             self._too_large(exchange, self.direct, int(declared))
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            (refused_at, wake), self._refused = self._refused, None
+            if self.pacing.straight_back(refused_at, self.loop.time()):  # it rests (``Pacing``)
+                self._held = data
+                self._rest(wake)
+                return
+        super().data_received(data)
 
     def _rest(self, wake: float) -> None:
         """Read nothing more from this connection until ``wake`` (loop time)."""
@@ -202,6 +213,9 @@ class HttpProtocol(HttpToolsProtocol):
             self.pacing.resting -= 1
             if not self.transport.is_closing():
                 self.flow.resume_reading()
+                held, self._held = self._held, b""
+                if held:
+                    super().data_received(held)
 
     def on_body(self, body: bytes) -> None:
         exchange = self._exchange
@@ -256,7 +270,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self._answer(exchange, response)
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
-            self._rest(self.pacing.wake_at(self.loop.time()))
+            self._refused = self.pacing.refused(self.loop)
 
     async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
