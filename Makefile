@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean compat
+.PHONY: serve test lint install clean compat protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ compat: $(STAMP)
 		--target $(COMPAT_NUMPY_DIR) numpy; } && \
 	BENCH_PEERS_VENV=$$peers COMPAT_NUMPY_DIR=$(COMPAT_NUMPY_DIR) COMPAT_REPORT=$(COMPAT_REPORT) \
 		$(BIN)/python -m pytest -q -m compat tests/compat $(PYTEST_ARGS)
+
+# servekit/grpc/generated/ from servekit/grpc/protos/*.proto, with the grpcio-tools that the test extra pins; commit
+# what it writes. tests/test_grpc.py fails when the generated messages no longer match the .proto files.
+protos: $(STAMP)
+	$(BIN)/python servekit/grpc/protos/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -4,6 +4,7 @@ time each process spent per answered request.
     git archive HEAD servekit | tar -x -C /tmp/before          # the build to compare against
     python benchmarks/ab.py before=/tmp/before after=.          # DIR holds a servekit/ folder
     python benchmarks/ab.py a=. b=.+access_log=false            # "+key=value": extra config.properties lines
+    python benchmarks/ab.py http=. https=.+tls --clients 64     # "+tls": the inference port over HTTPS
     python benchmarks/ab.py --workload w2 --clients 64 --rounds 3 --seconds 8 --floor a=/tmp/before b=.
 
 Each build is started like ``run.py servekit`` starts it (the reference ``.mar`` with the TorchServe handler of
@@ -11,7 +12,9 @@ Each build is started like ``run.py servekit`` starts it (the reference ``.mar``
 ``post.lua``) at each client count; ``--floor`` adds the bare FastAPI endpoint. Printed per run and as medians:
 req/s, p50, p99, and the CPU seconds per request of the front end and of the workers, read from /proc around each
 wrk run. On a shared machine the CPU per request moves much less than req/s does. Loopback only; every server is
-started and stopped here by PID.
+started and stopped here by PID. A build marked ``+tls`` serves its inference port over HTTPS (``https://``, a
+self-signed RSA 2048 certificate made with the ``openssl`` command, the key and certificate as PEM files); ``wrk``
+keeps its connections open, so this measures the cost of TLS per request, not per handshake.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -57,17 +61,21 @@ def start(name: str, spec: str | None, work: Path, workload: str) -> tuple[subpr
         url = f"http://127.0.0.1:{PORT}/predictions/floor"
     else:
         source, *extra = spec.split("+")
+        scheme = "https" if "tls" in extra else "http"
+        extra = [line for line in extra if line != "tls"]
+        if scheme == "https":
+            extra += [f"{key}={path}" for key, path in certificate(work).items()]
         env["PYTHONPATH"] = str(Path(source).resolve())
         entry = {"defaultVersion": True, "marName": f"{workload}.mar", "minWorkers": 1, "maxWorkers": 1}
         entry |= {"batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120}
-        lines = [f"inference_address=http://127.0.0.1:{PORT}", f"management_address=http://127.0.0.1:{PORT + 1}"]
+        lines = [f"inference_address={scheme}://127.0.0.1:{PORT}", f"management_address=http://127.0.0.1:{PORT + 1}"]
         lines += [f"metrics_address=http://127.0.0.1:{PORT + 2}", f"model_store={work / 'store'}"]
         lines += ["models=" + json.dumps({workload: {"1.0": entry}}), *extra]
         (run / "config.properties").write_text("\n".join(lines) + "\n")
         command = [sys.executable, "-m", "servekit", "start", "--foreground", "--ncs", "--disable-token-auth"]
         command += ["--model-store", str(work / "store"), "--models", f"{workload}={workload}.mar"]
         command += ["--ts-config", str(run / "config.properties")]
-        url = f"http://127.0.0.1:{PORT}/predictions/{workload}"
+        url = f"{scheme}://127.0.0.1:{PORT}/predictions/{workload}"
     with open(run / "server.log", "wb") as log:
         process = subprocess.Popen(command, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT)
     body = (work / "models" / f"{workload}_body.json").read_bytes()
@@ -75,13 +83,28 @@ def start(name: str, spec: str | None, work: Path, workload: str) -> tuple[subpr
     while time.monotonic() < deadline:
         request = urllib.request.Request(url, body, {"content-type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2, context=UNVERIFIED) as response:
                 response.read()
             return process, url
         except OSError:
             time.sleep(0.1)
     process.kill()
     raise SystemExit(f"{name} did not answer within 120 s: see {run / 'server.log'}")
+
+
+UNVERIFIED = ssl.create_default_context()  # the self-signed certificate of a +tls build
+UNVERIFIED.check_hostname = False
+UNVERIFIED.verify_mode = ssl.CERT_NONE
+
+
+def certificate(work: Path) -> dict[str, Path]:
+    """A self-signed key and certificate for 127.0.0.1 (made once), as ``config.properties`` keys."""
+    key, cert = work / "tls-key.pem", work / "tls-cert.pem"
+    if not cert.exists():
+        command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1"]
+        command += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+        subprocess.run(command, check=True, capture_output=True)
+    return {"private_key_file": key, "certificate_file": cert}
 
 
 def cpu_seconds(pid: int) -> float:

@@ -15,9 +15,9 @@ from pathlib import Path
 from servekit import config
 
 PAGE = Path(__file__).with_name("configuration.md")
-INTERNAL = {"raw"}  # fields that are not settings a user makes
+INTERNAL = {"raw", "supplied_keys"}  # fields that are not settings a user makes (key_file's row names the variables)
 # fields set by an environment variable only, never by a config.properties key
-ENV_ONLY = {"log_location": "LOG_LOCATION"}
+ENV_ONLY = {"log_location": "LOG_LOCATION", "test_hosts": "SERVEKIT_TEST_HOSTS"}
 # keys that ``load_settings`` reads before building ``Settings`` (they are not kept in it): key, type, default, text
 EXTRA_KEYS = [
     (
@@ -29,7 +29,7 @@ EXTRA_KEYS = [
     ),
 ]
 TYPES = {
-    "Address": "`http://host:port`",
+    "Address": "`http[s]://host:port`",
     "Path": "path",
     "Path | None": "path",
     "tuple[str, ...]": "comma-separated list",
@@ -61,8 +61,8 @@ servekit reads its settings once, at start, in this order (a later source overri
 
 A value that cannot be parsed stops `servekit start` with `servekit: <key>: <what was wrong>` and exit code 1, never a
 silent default: booleans are `true`, `false`, `1`, `0`, `yes` or `no`; numbers must not be negative; addresses are
-`http://host:port`. Keys servekit does not read are ignored without a warning; [migration.md](migration.md#keys) lists
-TorchServe's keys and what becomes of each.
+`http://host:port` or `https://host:port` ([HTTPS](#https)). Keys servekit does not read are ignored without a warning;
+[migration.md](migration.md#keys) lists TorchServe's keys and what becomes of each.
 
 ## Keys
 
@@ -71,6 +71,61 @@ TorchServe's keys and what becomes of each.
 """
 
 FOOTER = """
+## HTTPS
+
+An address written `https://host:port` serves TLS on that port (any of the three; the others stay plain HTTP), with
+TorchServe's keys: a PEM private key and certificate chain, or a PKCS12 keystore, which wins when both are set.
+
+```properties
+inference_address=https://0.0.0.0:8443
+management_address=https://127.0.0.1:8444
+metrics_address=https://127.0.0.1:8445
+private_key_file=/etc/servekit/key.pem
+certificate_file=/etc/servekit/cert.pem
+# or: keystore=/etc/servekit/keystore.p12 and keystore_pass=...
+# mutual TLS (servekit's key): clients need a certificate signed by one of these authorities
+client_ca_file=/etc/servekit/client-ca.pem
+```
+
+Clients call `curl --cacert ca.pem https://127.0.0.1:8443/ping`, and with mutual TLS add `--cert client.pem --key
+client-key.pem`. The files are read once, at start; a file that cannot be read, a key that is not the certificate's, an
+encrypted PEM key, a wrong `keystore_pass` or no key at all stops `servekit start` with exit code 1 and the key at fault
+(`servekit: private_key_file: the key of key.pem is not the key of certificate_file's certificate (...)`). A Java JKS
+keystore is refused with the command that converts it: `keytool -importkeystore -srckeystore keystore.jks
+-destkeystore keystore.p12 -deststoretype PKCS12`. TLS 1.2 and 1.3 with Python's default ciphers; the inference fast
+path serves `/predictions` over TLS as over plain HTTP. A plain-HTTP request to an HTTPS port gets no answer (the TLS
+handshake fails). `servekit start` in the background checks `/ping` over HTTPS without checking the certificate;
+with `client_ca_file` it cannot call `/ping` and waits for the server's `Model server started.` line instead.
+
+## CORS
+
+`cors_allowed_origin`, `cors_allowed_methods` and `cors_allowed_headers` are sent, as written, as the headers
+`Access-Control-Allow-Origin`, `-Methods` and `-Headers` on every response of the three ports (errors too), whatever
+the request's `Origin`, as TorchServe does. A browser's preflight (`OPTIONS` with `Origin` and
+`Access-Control-Request-Method`) is answered by the route it names, as any `OPTIONS` there: the model's OpenAPI
+description on its inference routes (`/predictions`, `/explanations`, KServe v1 and v2) and management routes
+(`/models/{m}[/{v}]`), `Healthy` on `/ping`, the metrics on `/metrics`, 404 for an unknown model. With token
+authorization on, a preflight needs the key like any request (browsers send none), as in TorchServe: serve browsers
+with `--disable-token-auth` behind your own authentication, or answer preflights in a proxy.
+
+## gRPC
+
+TorchServe's gRPC inference and management APIs ([api.md](api.md#grpc)) listen on their own ports, 127.0.0.1:7070 and
+127.0.0.1:7071 by default; TorchServe's keys move them, and servekit's `enable_grpc=false` closes both:
+
+```properties
+grpc_inference_address=0.0.0.0
+grpc_inference_port=7070
+grpc_management_port=7071
+enable_grpc_ssl=true
+private_key_file=/etc/servekit/key.pem
+certificate_file=/etc/servekit/cert.pem
+```
+
+`enable_grpc_ssl=true` serves TLS on both with the key and certificate of the HTTPS ports (above), also when every
+REST port is plain HTTP. A gRPC port that cannot be bound stops `servekit start` (exit code 1), as a REST port does.
+`max_request_size` is the largest message a client may send.
+
 ## Per-model settings
 
 Each model version has its own batch size, workers, timeouts and queue. For each, the first of these that sets it

@@ -245,6 +245,9 @@ class Batcher(Generic[W]):
             inflight.append((batch, time.perf_counter()))
 
     def _requeue(self, batch: list[Pending]) -> None:
+        if self._dispatcher.done():  # closed (unregistered): nothing would take them from the queue again
+            self._fail(batch, ServiceUnavailableError(f'Model "{self.model}" was unregistered'))
+            return
         for pending in reversed(batch):
             if not pending.future.done():
                 self._queue.appendleft(pending)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from servekit import archiver, server
+from servekit import archiver, server, tls
+from servekit.api.keys import supplied_keys
 from servekit.config import Settings, load_settings
 from servekit.errors import ServekitError
 
@@ -65,12 +67,25 @@ def _running_pid() -> int | None:
 
 
 def _ping(settings: Settings) -> bool:
-    url = f"http://{settings.inference_address.host}:{settings.inference_address.port}/ping"
+    address = settings.inference_address
+    context = None
+    if address.scheme == "https":  # our own child on its own address: its certificate need not name that host
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(f"{address}/ping", timeout=2, context=context) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _logged_start(log_path: Path, offset: int) -> bool:
+    """Whether the server's log, from ``offset`` on, says its startup models are loaded: how a start with client
+    certificates required (``client_ca_file``) knows it, since ``/ping`` needs a certificate there."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return b"Model server started." in log.read()
 
 
 def start(args: argparse.Namespace, argv: list[str]) -> int:
@@ -80,9 +95,13 @@ def start(args: argparse.Namespace, argv: list[str]) -> int:
     if _running_pid() is not None:
         print("servekit is already running, please use servekit stop to stop it.")
         return 1
+    tls.server_context(settings)  # a bad key or certificate stops the start here, not in the background server's log
+    supplied_keys(settings)  # and so do bad supplied token keys
+    mutual_tls = settings.inference_address.scheme == "https" and settings.client_ca_file is not None
     settings.log_location.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_location / "servekit.log"
     with open(log_path, "ab") as log:
+        offset = log.tell()
         child = subprocess.Popen(
             [sys.executable, "-m", "servekit", *argv, "--foreground"],
             stdin=subprocess.DEVNULL,
@@ -96,7 +115,7 @@ def start(args: argparse.Namespace, argv: list[str]) -> int:
             tail = log_path.read_text(errors="replace").splitlines()[-20:]
             print(f"servekit failed to start (exit code {child.returncode}); {log_path}:", *tail, sep="\n")
             return 1
-        if _ping(settings):
+        if _ping(settings) or (mutual_tls and _logged_start(log_path, offset)):
             print(f"servekit started (pid {child.pid}); log: {log_path}")
             return 0
         time.sleep(0.2)

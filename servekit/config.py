@@ -25,10 +25,11 @@ from servekit.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A listening address parsed from ``http://host:port``."""
+    """A listening address parsed from ``http://host:port`` or ``https://host:port`` (TLS, ``servekit.tls``)."""
 
     host: str
     port: int
+    scheme: str = "http"
 
     @classmethod
     def parse(cls, key: str, value: str) -> Address:
@@ -37,13 +38,13 @@ class Address:
             port = parts.port
         except ValueError:
             port = None
-        if parts.scheme != "http" or not parts.hostname or port is None:
-            raise ConfigError(f"{key}: expected http://host:port, got {value!r}")
-        return cls(parts.hostname, port)
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            raise ConfigError(f"{key}: expected http://host:port or https://host:port, got {value!r}")
+        return cls(parts.hostname, port, parts.scheme)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +53,55 @@ class Settings:
 
     inference_address: Address = Address("127.0.0.1", 8080)
     """Where the inference API listens: ``/ping``, ``/predictions``, the Open Inference Protocol (KServe v2) and
-    KServe v1. ``http://host:port`` only (no HTTPS, no ``unix:`` sockets)."""
+    KServe v1. ``https://host:port`` serves HTTPS with the key and certificate of ``keystore`` or
+    ``private_key_file``/``certificate_file``, as each address can. No ``unix:`` sockets."""
     management_address: Address = Address("127.0.0.1", 8081)
     """Where the management API listens. Keep it on a loopback address, or keep token authorization on."""
     metrics_address: Address = Address("127.0.0.1", 8082)
     """Where the metrics API (``GET /metrics``, Prometheus text, no key needed) listens."""
+    private_key_file: Path | None = None
+    """The HTTPS ports' private key: a PEM file, PKCS#8 (``BEGIN PRIVATE KEY``) or OpenSSL's traditional form
+    (``BEGIN RSA PRIVATE KEY``), not encrypted; RSA, EC or Ed25519. Needs ``certificate_file``."""
+    certificate_file: Path | None = None
+    """The HTTPS ports' certificate chain, PEM: the server's certificate first, then the intermediate ones. Its
+    certificate must be the one of ``private_key_file``'s key."""
+    keystore: Path | None = None
+    """A PKCS12 keystore (``.p12``, ``.pfx``; Java's ``keytool`` writes one by default) holding the HTTPS ports' key
+    and certificate chain; its first key entry is used. Takes precedence over ``private_key_file`` and
+    ``certificate_file``. A Java JKS keystore is refused at start with the ``keytool`` command that converts it."""
+    keystore_pass: str = "changeit"
+    """The password of ``keystore``, and of its key entry (they must be the same, as in TorchServe)."""
+    keystore_type: str = "PKCS12"
+    """``PKCS12``; ``JKS`` is accepted as a name for a file that is PKCS12 inside (Java reads both under either
+    name)."""
+    client_ca_file: Path | None = None
+    """Mutual TLS: a PEM file of the certificate authorities whose client certificates the HTTPS ports accept. When
+    set, a client must present a certificate signed by one of them, or its connection is refused during the TLS
+    handshake. servekit's key (TorchServe has none)."""
+    cors_allowed_origin: str | None = None
+    """CORS: the ``Access-Control-Allow-Origin`` header sent, as written, on every response of the three ports (``*``
+    or an origin such as ``https://app.example``). A preflight ``OPTIONS`` is answered by the route, as in
+    TorchServe."""
+    cors_allowed_methods: str | None = None
+    """CORS: the ``Access-Control-Allow-Methods`` header sent on every response, e.g. ``GET, POST, PUT, OPTIONS``."""
+    cors_allowed_headers: str | None = None
+    """CORS: the ``Access-Control-Allow-Headers`` header sent on every response, e.g. ``Content-Type,
+    Authorization``."""
+    grpc_inference_address: str = "127.0.0.1"
+    """The host (name or IP address, not a URL, as in TorchServe) where the gRPC inference API listens: TorchServe's
+    ``InferenceAPIsService`` (``Ping``, ``Predictions``, ``StreamPredictions``, ``StreamPredictions2``)."""
+    grpc_inference_port: int = 7070
+    """The port of the gRPC inference API."""
+    grpc_management_address: str = "127.0.0.1"
+    """The host where the gRPC management API (TorchServe's ``ManagementAPIsService``) listens. Keep it on a loopback
+    address, or keep token authorization on."""
+    grpc_management_port: int = 7071
+    """The port of the gRPC management API."""
+    enable_grpc: bool = True
+    """Serve the two gRPC APIs; ``false`` opens neither port. servekit's key (TorchServe always serves them)."""
+    enable_grpc_ssl: bool = False
+    """Serve the gRPC ports over TLS, with the key and certificate the HTTPS ports use (``private_key_file`` and
+    ``certificate_file``, or ``keystore``); with ``client_ca_file``, clients must present a certificate too."""
     model_store: Path | None = None
     """The folder of model archives (``.mar``, ``.tar.gz``, ``.tgz``, ``.zip``, ``.model``) and unpacked model
     folders. ``--model-store`` sets it. Registering a model, and ``load_models=all``, need it."""
@@ -81,9 +126,15 @@ class Settings:
     default_startup_timeout: float = 120.0
     """Seconds a worker may take to start and load its model (the handler's ``initialize``) before the load fails.
     Per model: ``startupTimeout`` or ``startup_timeout``."""
+    fork_workers: bool = True
+    """Start workers by forking them from a zygote: a process the server starts, which has imported torch and the
+    worker code once, so that a worker starts in milliseconds and shares those pages with the others (Linux; "Where
+    it runs" in handlers.md). ``false`` starts every worker as a fresh Python, as happens anyway while the zygote is
+    not available. servekit's key."""
     unregister_model_timeout: float = 120.0
-    """Seconds an unregistered model keeps working through the requests already queued for it; whatever is left
-    then is answered 503."""
+    """Seconds an unregister may take: the requests queued and running finish, then the workers exit. Past it, what
+    is still queued is answered 503, the workers are killed and the unregister is answered 408, as in TorchServe;
+    the model then stays registered with no workers until it is unregistered again."""
     drain_timeout: float = 30.0
     """Seconds that SIGTERM (or SIGINT) leaves requests in flight and queued to finish, before the workers stop
     and the server exits."""
@@ -113,7 +164,10 @@ class Settings:
     runs every model on the CPU."""
     allowed_urls: tuple[str, ...] = ()  # no remote model URLs unless configured (TorchServe allows any)
     """Comma-separated regular expressions; a model URL to register must fully match one. Empty, the default,
-    allows no remote URL (TorchServe's default allows any)."""
+    allows no remote URL (TorchServe's default allows any). The URL's host is then resolved once and the download
+    connects to a checked address: loopback, link-local (cloud metadata) and unspecified addresses, and the server's
+    own, are refused unless a pattern names that IP address (``http://127\\.0\\.0\\.1:8000/.*`` names 127.0.0.1, for
+    that port); redirects are checked the same way."""
     token_expiration_min: float = 60.0
     """Minutes the inference and management keys stay valid; ``/token`` rotates a key and restarts its clock."""
     max_download_size: int = 2**30
@@ -122,6 +176,14 @@ class Settings:
     """Seconds a model archive download may take."""
     disable_token_authorization: bool = False
     """Serve without keys (``--disable-token-auth``). By default the keys are written to ``key_file.json``."""
+    key_file: Path | None = None
+    """Token authorization with keys the operator supplies (e.g. a mounted Kubernetes Secret), instead of keys made at
+    start: a JSON file in the shape of TorchServe's ``key_file.json`` (``inference`` and ``management`` entries, each
+    ``{"key": ...}`` with an optional ``"expiration time"``, and an optional ``API`` entry), read once at start and
+    never written or removed. Every replica given the same file accepts the same keys; ``/token`` rotation is refused
+    (405). The environment variables ``SERVEKIT_INFERENCE_KEY`` and ``SERVEKIT_MANAGEMENT_KEY`` (and optionally
+    ``SERVEKIT_API_KEY``), always read, supply keys the same way. Each key is at least 22 visible ASCII characters, the
+    kinds' keys differ; a file or variable that is missing, unreadable or malformed stops the start (exit code 1)."""
     enable_model_api: bool = False
     """Allow registering and unregistering models through the management API (``--enable-model-api``); without it
     those answer 405."""
@@ -131,6 +193,13 @@ class Settings:
     log_location: Path = Path("logs")
     """Where the log of a background start (``servekit.log``) and the snapshots (``config/``) go. Set only by the
     ``LOG_LOCATION`` environment variable, not by a key."""
+    test_hosts: Path | None = None
+    """Tests only: a hosts file (``ADDRESS NAME...`` lines) that answers the model-download look-ups of names ending in
+    ``.test``, which no DNS resolves (RFC 6761), so that a test can make a name resolve to any address without the
+    network. It changes no other name, and its answers are checked like the DNS's (``servekit.destination``). Set only
+    by the ``SERVEKIT_TEST_HOSTS`` environment variable."""
+    supplied_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The keys of the ``SERVEKIT_<KIND>_KEY`` environment variables that are set, by kind; internal, never shown."""
     raw: Mapping[str, str] = field(default_factory=dict)
     """Every key and value as read, the unused ones included; internal."""
 
@@ -153,15 +222,32 @@ _FLOAT_KEYS = (
     "download_timeout",
     "token_expiration_min",
 )
-_BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api", "access_log")
+_BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_model_api", "access_log", "fork_workers")
+_GRPC_KEYS = ("grpc_inference_address", "grpc_inference_port", "grpc_management_address", "grpc_management_port")
+_TLS_PATH_KEYS = ("private_key_file", "certificate_file", "keystore", "client_ca_file")
+_CORS_KEYS = ("cors_allowed_origin", "cors_allowed_methods", "cors_allowed_headers")
+# the environment variables that supply token authorization's keys (``servekit.api.keys``), by kind; always read
+KEY_VARIABLES = {
+    "inference": "SERVEKIT_INFERENCE_KEY",
+    "management": "SERVEKIT_MANAGEMENT_KEY",
+    "API": "SERVEKIT_API_KEY",
+}
 _ENV_KEYS = (
     "inference_address",
     "management_address",
     "metrics_address",
+    *_GRPC_KEYS,
+    "enable_grpc",
+    "enable_grpc_ssl",
+    *_TLS_PATH_KEYS,
+    "keystore_pass",
+    "keystore_type",
+    *_CORS_KEYS,
     "model_store",
     "load_models",
     "number_of_gpu",
     "allowed_urls",
+    "key_file",
     "service_envelope",
     *_INT_KEYS,
     *_FLOAT_KEYS,
@@ -228,6 +314,31 @@ def _as_number(key: str, value: str, kind: type[int] | type[float]) -> int | flo
     return number
 
 
+def _host(key: str, value: str) -> str:
+    """A host name or IP address to listen on (``[...]`` around an IPv6 address is dropped)."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "/" in host or any(c.isspace() for c in host) or (host.count(":") == 1):
+        raise ConfigError(f"{key}: expected a host name or IP address (no scheme, no port), got {value!r}")
+    return host
+
+
+def _port(key: str, value: str) -> int:
+    port = _as_number(key, value, int)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: expected a port from 1 to 65535, got {value!r}")
+    return int(port)
+
+
+def _header_value(key: str, value: str) -> str:
+    """``value`` as an HTTP header value: Latin-1 text without control characters (no header injection)."""
+    value = value.strip()
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 or ord(c) > 255 for c in value):
+        raise ConfigError(f"{key}: not a valid HTTP header value: {value!r}")
+    return value
+
+
 def _expand_env(key: str, value: str, environ: Mapping[str, str]) -> str:
     """Replace ``$$NAME$$`` with the environment variable NAME, as TorchServe does."""
 
@@ -277,6 +388,10 @@ def settings_from(values: Mapping[str, str]) -> Settings:
             except re.error as exc:
                 raise ConfigError(f"allowed_urls: bad pattern {pattern!r} ({exc})") from None
         kwargs["allowed_urls"] = patterns
+    if "key_file" in values:  # an empty value is a mistake (an unset $$VARIABLE$$?), not "no supplied keys"
+        if not values["key_file"].strip():
+            raise ConfigError("key_file: empty; name the file of the keys, or leave the key out")
+        kwargs["key_file"] = Path(values["key_file"].strip()).expanduser().resolve()
     if values.get("log_format"):
         if values["log_format"] not in ("text", "json"):
             raise ConfigError(f"log_format: expected text or json, got {values['log_format']!r}")
@@ -287,8 +402,24 @@ def settings_from(values: Mapping[str, str]) -> Settings:
                 f"service_envelope: expected one of {', '.join(ENVELOPES)}, got {values['service_envelope']!r}"
             )
         kwargs["service_envelope"] = values["service_envelope"]
+    for key in _GRPC_KEYS:
+        if values.get(key):
+            kwargs[key] = _port(key, values[key]) if key.endswith("_port") else _host(key, values[key])
+    for key in ("enable_grpc", "enable_grpc_ssl"):
+        if key in values:
+            kwargs[key] = _as_bool(key, values[key])
     if "snapshots" in values:
         kwargs["snapshots"] = _as_bool("snapshots", values["snapshots"])
+    for key in _TLS_PATH_KEYS:  # read and checked at start, and only for an https:// address (servekit.tls)
+        if values.get(key):
+            kwargs[key] = Path(values[key]).expanduser().resolve()
+    if "keystore_pass" in values:
+        kwargs["keystore_pass"] = values["keystore_pass"]
+    if values.get("keystore_type"):
+        kwargs["keystore_type"] = values["keystore_type"].strip()
+    for key in _CORS_KEYS:
+        if values.get(key):
+            kwargs[key] = _header_value(key, values[key])
     return Settings(raw=dict(values), **kwargs)  # type: ignore[arg-type]
 
 
@@ -320,6 +451,11 @@ def load_settings(
     settings = settings_from(values)
     if environ.get("LOG_LOCATION"):
         settings = replace(settings, log_location=Path(environ["LOG_LOCATION"]))
+    if environ.get("SERVEKIT_TEST_HOSTS"):
+        settings = replace(settings, test_hosts=Path(environ["SERVEKIT_TEST_HOSTS"]))
+    supplied = {kind: environ[name] for kind, name in KEY_VARIABLES.items() if name in environ}
+    if supplied:  # checked, with the key file, by servekit.api.keys at start
+        settings = replace(settings, supplied_keys=supplied)
     return settings
 
 

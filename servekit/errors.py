@@ -13,12 +13,13 @@ place (``servekit.api.errors``) from the class's ``status_code`` and ``code``::
     ├── ForbiddenError (403)            a valid token of the wrong kind; removing a default version in use
     ├── ModelNotFoundError (404)
     ├── ModelVersionNotFoundError (404)
-    ├── MethodNotAllowedError (405)     model register/delete while the model API is off
+    ├── MethodNotAllowedError (405)     model register/delete while the model API is off; /token with supplied keys
     ├── RequestTimeoutError (408)       unregister could not finish within its timeout
     ├── ConflictError (409)             that model name and version are already registered
     ├── RequestTooLargeError (413)
     ├── ClientDisconnectedError (499)   the client went away; nobody reads this answer
     ├── HandlerError (500)              the handler raised, or broke the batch contract
+    │   └── WorkerStartError (500)      a registration's workers failed to load; the model stays, with none
     ├── ServiceUnavailableError (503)   no worker alive, or the model is shutting down
     │   └── QueueFullError (503)
     ├── WorkerDiedError (500)           the worker process ended while it held the batch
@@ -118,8 +119,8 @@ class ModelVersionNotFoundError(ServekitError):
     status_code = 404
     code = "model_version_not_found"
 
-    def __init__(self, name: str, version: str) -> None:
-        super().__init__(f"Model version: {version} does not exist for model: {name}")
+    def __init__(self, name: str, version: str, message: str | None = None) -> None:
+        super().__init__(message or f"Model version: {version} does not exist for model: {name}")
         self.name = name
         self.version = version
 
@@ -142,6 +143,18 @@ class HandlerError(ServekitError):
     def __init__(self, message: str, status_code: int = 500) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class WorkerStartError(HandlerError):
+    """A synchronous registration's workers failed to load (the handler's error is in the server log). The model
+    stays registered with no workers, as TorchServe keeps it: scale it once the cause is fixed, or unregister it."""
+
+    code = "worker_start_failed"
+
+    def __init__(self, name: str, version: str) -> None:
+        super().__init__(f"Failed to start workers for model {name} version: {version}")  # TorchServe's words
+        self.name = name
+        self.version = version
 
 
 class ServiceUnavailableError(ServekitError):

@@ -182,8 +182,11 @@ class BaseHandler:
             f"{type(self).__name__} does not explain its predictions: it has no get_insights", 500
         )
 
-    def describe_handle(self) -> str:
-        return json.dumps({"model": (self.manifest or {}).get("model", {})})
+    def describe_handle(self) -> Any:
+        """Override to describe the model beyond its settings: ``GET /models/{m}?customized=true`` answers what this
+        returns as ``customizedMetadata`` (a dict, or the JSON text of one; anything else shows as ``{}``). By
+        default ``None``, as TorchServe's."""
+        return None
 
 
 def load_label_mapping(mapping_file_path: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ the caller lookup; a line reaches stderr within ``FLUSH_S``, warnings and errors
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
@@ -137,3 +138,6 @@ def configure(log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    # The lines of the last FLUSH_S before exit: logging's own flush at exit misses this handler once uvicorn's
+    # dictConfig has cleared logging's list of handlers (it stays the root's handler all the same).
+    atexit.register(handler.flush)

@@ -175,19 +175,23 @@ class ModelMetrics:
             self._ts_labels[url_version] = labels
         return labels
 
-    def request(self, url_version: str, status: int, seconds: float) -> None:
-        """One answered inference request (``url_version`` is "default" when the URL named none)."""
+    def request(self, url_version: str, status: int, seconds: float, queued_s: float | None = None) -> None:
+        """One answered inference request (``url_version`` is "default" when the URL named none). ``queued_s`` is
+        how long it waited for a worker when a worker answered it, whatever the status the handler set; ``None``
+        when it failed or was refused, which TorchServe's latency and queue families do not count (only
+        ``ts_inference_requests_total`` and ``RequestsNXX`` do)."""
         self._metrics.requests.labels(self.name, self.version, outcome(status)).inc()
         self._latency.observe(seconds)
         labels = self._labels(url_version)
         self._ts_requests.add(labels, 1.0)
-        self._ts_latency.add(labels, seconds * 1e6)
+        if queued_s is not None:
+            self._ts_latency.add(labels, seconds * 1e6)
+            self._ts_queue.add(labels, queued_s * 1e6)
+            self._queue_time.add(HOST_LABELS, float(int(queued_s * 1000)))  # whole milliseconds, as TorchServe's
 
     def queued(self, seconds: float) -> None:
         """One request left the queue after ``seconds``."""
         self._queue.observe(seconds)
-        self._ts_queue.add(self._labels("default"), seconds * 1e6)
-        self._queue_time.add(HOST_LABELS, float(int(seconds * 1000)))  # whole milliseconds, as TorchServe's
 
     def batch(self, size: int, handler_ms: float, roundtrip_ms: float, records: Sequence[MetricRecord]) -> None:
         """One batch came back from a worker after ``roundtrip_ms``, with the handler's own metrics."""

@@ -10,12 +10,16 @@ worker-side functions.
 from __future__ import annotations
 
 import ctypes
+import functools
+import itertools
 import json
 import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from servekit.errors import BadRequestError
 
@@ -100,7 +104,8 @@ def _elements(name: str, shape: Sequence[Any]) -> int:
     return count
 
 
-def _flatten(data: Any) -> list[Any]:
+def flatten(data: Any) -> list[Any]:
+    """Nested lists of values as one flat list, in row-major order."""
     flat: list[Any] = []
     stack = [iter([data])]
     while stack:
@@ -118,8 +123,7 @@ def _pack(name: str, datatype: str, values: list[Any]) -> bytes:
     """JSON values as the binary layout of ``datatype``."""
     try:
         if datatype == "BYTES":
-            parts = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
-            return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+            return _pack_bytes([_as_bytes(v) for v in values])
         if datatype == "BF16":
             return b"".join(struct.pack("<f", float(v))[2:] for v in values)
         code = DATATYPES[datatype][0]
@@ -141,13 +145,45 @@ def _check_bytes_layout(name: str, data: bytes | memoryview, count: int) -> None
         raise BadRequestError(f"input {name}: BYTES data has {len(data)} bytes, its {count} elements use {offset}")
 
 
+def loads(document: bytes | memoryview) -> Any:
+    """JSON by orjson (several times faster), or by Python's json for what orjson refuses and Python's json takes
+    (NaN, Infinity, integers past 64 bits); ``ValueError`` for text that is not JSON."""
+    try:
+        return orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(document))
+
+
+def make_tensor(
+    name: str, datatype: Any, shape: Any, *, raw: bytes | None = None, values: list[Any] | None = None
+) -> Tensor:
+    """An input from its raw little-endian bytes or from its values (flat, in row-major order), checked against its
+    datatype and shape; ``BadRequestError`` naming what is wrong. Used for JSON and binary v2 bodies and for gRPC."""
+    if datatype not in DATATYPES:
+        raise BadRequestError(f"input {name}: unknown datatype {datatype!r}")
+    if not isinstance(shape, list):
+        raise BadRequestError(f"input {name}: 'shape' must be a list")
+    count = _elements(name, shape)
+    if raw is None:
+        values = values or []
+        if len(values) != count:
+            raise BadRequestError(f"input {name}: shape {shape} needs {count} elements, got {len(values)}")
+        raw = _pack(name, datatype, values)
+    if datatype == "BYTES":
+        _check_bytes_layout(name, raw, count)
+    elif len(raw) != count * DATATYPES[datatype][1]:
+        needed = count * DATATYPES[datatype][1]
+        raise BadRequestError(f"input {name}: shape {shape} of {datatype} needs {needed} bytes, got {len(raw)}")
+    return Tensor(name, datatype, tuple(shape), raw)
+
+
 def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     """A v2 inference request (JSON, or JSON + binary tensors); ``BadRequestError`` naming what is wrong."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise BadRequestError(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
     split = len(body) if header_length is None else header_length
     try:
-        header = json.loads(body[:split])
+        header = loads(body[:split])
     except (ValueError, RecursionError) as exc:
         raise BadRequestError(f"Invalid JSON in inference request: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
@@ -159,11 +195,6 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequestError("Each input needs a 'name'")
         name, datatype, shape = item["name"], item.get("datatype"), item.get("shape")
-        if datatype not in DATATYPES:
-            raise BadRequestError(f"input {name}: unknown datatype {datatype!r}")
-        if not isinstance(shape, list):
-            raise BadRequestError(f"input {name}: 'shape' must be a list")
-        count = _elements(name, shape)
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequestError(f"input {name}: 'parameters' must be an object")
@@ -171,21 +202,12 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
             size = params["binary_data_size"]
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequestError(f"input {name}: binary_data_size {size!r} runs past the end of the body")
-            data = bytes(binary[offset : offset + size])
+            inputs.append(make_tensor(name, datatype, shape, raw=bytes(binary[offset : offset + size])))
             offset += size
         elif "data" in item:
-            values = _flatten(item["data"])
-            if len(values) != count:
-                raise BadRequestError(f"input {name}: shape {shape} needs {count} elements, got {len(values)}")
-            data = _pack(name, datatype, values)
+            inputs.append(make_tensor(name, datatype, shape, values=flatten(item["data"])))
         else:
             raise BadRequestError(f"input {name}: needs 'data' or a binary_data_size parameter")
-        if datatype == "BYTES":
-            _check_bytes_layout(name, data, count)
-        elif len(data) != count * DATATYPES[datatype][1]:
-            needed = count * DATATYPES[datatype][1]
-            raise BadRequestError(f"input {name}: shape {shape} of {datatype} needs {needed} bytes, got {len(data)}")
-        inputs.append(Tensor(name, datatype, tuple(shape), data))
     if offset != len(binary):
         raise BadRequestError(f"The body has {len(binary) - offset} bytes of binary data that no input claims")
     outputs = []
@@ -245,13 +267,27 @@ def to_worker(request: InferRequest, model_name: str, model_version: str) -> byt
         "outputs": [list(o) for o in request.outputs],
         "binary_output": request.binary_output,
     }
-    head = json.dumps(header).encode()
+    head = orjson.dumps(header)
     return b"".join([struct.pack(">I", len(head)), head, *(t.data for t in request.inputs)])
+
+
+def split_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], list[bytes | None]]:
+    """A v2 response body (``encode_response``'s): its JSON header, and each output's binary data in the order of
+    its ``outputs`` (``None`` for an output given as JSON ``data``)."""
+    split = len(body) if header_length is None else header_length
+    header = orjson.loads(body[:split])
+    offset, blobs = split, []
+    for entry in header["outputs"]:
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        blobs.append(None if size is None else body[offset : offset + size])
+        offset += size or 0
+    return header, blobs
 
 
 # ---- worker side ---------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _torch_types() -> dict[str, Any]:
     import torch
 
@@ -260,6 +296,11 @@ def _torch_types() -> dict[str, Any]:
         "UINT64": torch.uint64, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32, "INT64": torch.int64,
         "FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64, "BF16": torch.bfloat16,
     }  # fmt: skip
+
+
+@functools.cache
+def _datatypes() -> dict[Any, str]:
+    return {v: k for k, v in _torch_types().items()}
 
 
 def _unpack_bytes(data: bytes) -> list[bytes]:
@@ -271,25 +312,37 @@ def _unpack_bytes(data: bytes) -> list[bytes]:
     return items
 
 
-def from_worker_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The worker's view of a v2 request: its header, and its inputs by name as tensors (BYTES: lists of bytes)."""
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _pack_bytes(items: list[bytes]) -> bytes:
+    """BYTES elements in the protocol's layout: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(i)) + i for i in items)
+
+
+def from_worker_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, tuple[str, list[int], bytes]]]:
+    """The worker's view of a v2 request: its header, and its inputs by name as (datatype, shape, raw bytes), which
+    ``as_tensor`` turns into a tensor, for one request or for the rows of several joined."""
+    (head_len,) = struct.unpack_from(">I", payload)
+    header = orjson.loads(payload[4 : 4 + head_len])
+    offset = 4 + head_len
+    inputs = {}
+    for name, datatype, shape, size in header["inputs"]:
+        inputs[name] = (datatype, shape, payload[offset : offset + size])
+        offset += size
+    return header, inputs
+
+
+def as_tensor(datatype: str, shape: list[int], data: bytes) -> Any:
+    """Little-endian input bytes as a torch tensor of ``shape`` (BYTES: a list of bytes)."""
     import torch
 
-    (head_len,) = struct.unpack_from(">I", payload)
-    header = json.loads(payload[4 : 4 + head_len])
-    types = _torch_types()
-    offset = 4 + head_len
-    inputs: dict[str, Any] = {}
-    for name, datatype, shape, size in header["inputs"]:
-        data = payload[offset : offset + size]
-        offset += size
-        if datatype == "BYTES":
-            inputs[name] = _unpack_bytes(data)
-        elif math.prod(shape) == 0:
-            inputs[name] = torch.empty(shape, dtype=types[datatype])
-        else:
-            inputs[name] = torch.frombuffer(bytearray(data), dtype=types[datatype]).reshape(shape)
-    return header, inputs
+    if datatype == "BYTES":
+        return _unpack_bytes(data)
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=_torch_types()[datatype])
+    return torch.frombuffer(bytearray(data), dtype=_torch_types()[datatype]).reshape(shape)
 
 
 def _raw_bytes(tensor: Any) -> bytes:
@@ -297,35 +350,90 @@ def _raw_bytes(tensor: Any) -> bytes:
     return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
-def encode_response(header: dict[str, Any], outputs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """The HTTP body and headers of a v2 response: JSON, or JSON + binary for outputs that ask for it."""
-    names = {v: k for k, v in _torch_types().items()}
-    requested = header["outputs"] or [[name, None] for name in outputs]
-    entries, blobs = [], []
-    for name, flag in requested:
-        value = outputs[name]
-        binary = header["binary_output"] if flag is None else flag
-        if isinstance(value, list):  # BYTES
-            items = [v.encode() if isinstance(v, str) else bytes(v) for v in value]
-            entry: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": [len(items)]}
-            raw = b"".join(struct.pack("<I", len(i)) + i for i in items)
-            json_data: Any = [i.decode(errors="replace") for i in items]
-        else:
-            entry = {"name": name, "datatype": names[value.dtype], "shape": list(value.shape)}
-            binary = binary or names[value.dtype] == "BF16"  # BF16 has no JSON form
-            raw = _raw_bytes(value) if binary else b""
-            json_data = value.reshape(-1).tolist() if not binary else None
-        if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = json_data
-        entries.append(entry)
-    body: dict[str, Any] = {"model_name": header["model_name"], "model_version": header["model_version"]}
-    if header.get("id") is not None:
-        body["id"] = header["id"]
-    body["outputs"] = entries
-    head = json.dumps(body).encode()
-    if not blobs:
-        return head, {"content-type": "application/json"}
-    return b"".join([head, *blobs]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+class _Output:
+    """One output of a batch, cut into each request's rows on demand: converted once for the whole batch (to a list
+    for JSON, to bytes for the binary extension), however many requests share it."""
+
+    def __init__(self, value: Any, starts: list[int] | None) -> None:
+        self.value, self.starts = value, starts  # starts: each request's first row, then the total; None: one request
+        self.is_list = isinstance(value, list)  # BYTES
+        self.datatype = "BYTES" if self.is_list else _datatypes()[value.dtype]
+        if starts is not None and (len(value) if self.is_list else value.shape[0] if value.dim() else -1) != starts[-1]:
+            raise ValueError(f"an output has a first dimension other than the batch's {starts[-1]} rows")
+        self.finite = True  # orjson writes NaN and infinities as null: Python's json writes them as clients expect
+        self._rows: list[Any] | None = None
+        self._raw: bytes | None = None
+
+    def _part(self, whole: Any, i: int) -> Any:
+        return whole if self.starts is None else whole[self.starts[i] : self.starts[i + 1]]
+
+    def shape(self, i: int) -> list[int]:
+        if self.is_list:
+            return [len(self._part(self.value, i))]
+        if self.starts is None:
+            return list(self.value.shape)
+        return [self.starts[i + 1] - self.starts[i], *self.value.shape[1:]]
+
+    def data(self, i: int) -> list[Any]:
+        """Request ``i``'s values, flat, for JSON."""
+        if self.is_list:
+            return [_as_bytes(v).decode(errors="replace") for v in self._part(self.value, i)]
+        if self._rows is None:
+            if self.starts is None:
+                self._rows = self.value.reshape(-1).tolist()
+            else:  # a list per row
+                self._rows = (self.value.flatten(1) if self.value.dim() > 1 else self.value.unsqueeze(1)).tolist()
+            if self.value.is_floating_point():
+                self.finite = bool(self.value.isfinite().all())
+        if self.starts is None:
+            return self._rows
+        return [x for row in self._part(self._rows, i) for x in row]
+
+    def raw(self, i: int) -> bytes:
+        """Request ``i``'s values as little-endian bytes (BYTES: length-prefixed)."""
+        if self.is_list:
+            return _pack_bytes([_as_bytes(v) for v in self._part(self.value, i)])
+        if self._raw is None:
+            self._raw = _raw_bytes(self.value)
+        if self.starts is None:
+            return self._raw
+        row = len(self._raw) // self.starts[-1] if self.starts[-1] else 0
+        return self._raw[self.starts[i] * row : self.starts[i + 1] * row]
+
+
+class Outputs:
+    """The outputs of a model run over the rows of one request, or of several joined (``sizes``: each one's rows),
+    answered request by request (``response``)."""
+
+    def __init__(self, outputs: dict[str, Any], sizes: list[int] | None) -> None:
+        self.outputs = outputs
+        self.starts = list(itertools.accumulate(sizes, initial=0)) if sizes is not None else None
+        self._views: dict[str, _Output] = {}
+
+    def response(self, header: dict[str, Any], i: int) -> tuple[bytes, dict[str, str]]:
+        """Request ``i``'s HTTP body and headers: JSON, or JSON + binary for outputs that ask for it; ``ValueError``
+        if an output does not have the batch's rows."""
+        requested = header["outputs"] or [[name, None] for name in self.outputs]
+        entries, blobs, finite = [], [], True
+        for name, flag in requested:
+            view = self._views.get(name)
+            if view is None:
+                view = self._views[name] = _Output(self.outputs[name], self.starts)
+            binary = (header["binary_output"] if flag is None else flag) or view.datatype == "BF16"  # BF16: no JSON
+            entry: dict[str, Any] = {"name": name, "datatype": view.datatype, "shape": view.shape(i)}
+            if binary:
+                raw = view.raw(i)
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                entry["data"] = view.data(i)
+                finite = finite and view.finite
+            entries.append(entry)
+        body: dict[str, Any] = {"model_name": header["model_name"], "model_version": header["model_version"]}
+        if header.get("id") is not None:
+            body["id"] = header["id"]
+        body["outputs"] = entries
+        head = orjson.dumps(body) if finite else json.dumps(body).encode()
+        if not blobs:
+            return head, {"content-type": "application/json"}
+        return b"".join([head, *blobs]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}

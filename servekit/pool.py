@@ -27,7 +27,10 @@ logger = logging.getLogger("servekit.pool")
 
 BACKOFF_S = (1, 1, 2, 3, 5, 8, 13, 21, 34, 55)  # restart delays; the last one repeats
 CRASH_LOOP = 3  # consecutive worker failures after which, with no worker ready, requests are refused at once
-NO_WORKER = "has no worker to serve inference request. Please use scale workers API to add workers."
+NO_WORKER = (  # TorchServe's words, sequence batching and all, so that what matches its answers matches ours
+    "has no worker to serve inference request. Please use scale workers API to add workers. If this is a sequence"
+    " inference, please check if it is closed, or expired; or exceeds maxSequenceJobQueueSize"
+)
 
 
 class WorkerPool:
@@ -47,11 +50,15 @@ class WorkerPool:
         self.target = 0
         self._idle: collections.deque[WorkerProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()
+        self._urgent: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()  # served first
         self._restarts: set[asyncio.Task[None]] = set()
         self._failures = 0
         self._gpu_cycle = itertools.cycle(settings.gpu_ids) if settings.gpu_ids else None
         self.closed = False
         self.input_check: InputCheck | None = None  # the handler's declared input (servekit.inputs)
+        # When each request sent to a worker was sent (perf_counter), by request id, until whoever submitted it
+        # takes the entry (``servekit.api.dispatch``: TorchServe's queue latency is counted per answered request).
+        self.sent: dict[str, float] = {}
 
     @property
     def ready(self) -> int:
@@ -69,8 +76,9 @@ class WorkerPool:
             return f"has no healthy worker: its workers failed {self._failures} times in a row and are restarting"
         return None
 
-    def acquire(self) -> asyncio.Future[WorkerProcess]:
-        """A future for an idle worker; fails with ``ServiceUnavailableError`` while ``unavailable``."""
+    def acquire(self, urgent: bool = False) -> asyncio.Future[WorkerProcess]:
+        """A future for an idle worker; fails with ``ServiceUnavailableError`` while ``unavailable``. An ``urgent``
+        caller gets the next worker released, before the batcher, whose busy workers then take no more batches."""
         future: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         reason = None if self._idle else self.unavailable()
         if self._idle:
@@ -78,12 +86,15 @@ class WorkerPool:
         elif reason is not None:
             future.set_exception(ServiceUnavailableError(reason))
         else:
-            self._waiters.append(future)
+            (self._urgent if urgent else self._waiters).append(future)
         return future
 
     def send(self, worker: WorkerProcess, requests: list[protocol.Request]) -> None:
         """Hand an acquired worker a batch; ``collect`` waits for its result."""
         worker.send_batch(requests)
+        now = time.perf_counter()
+        for request in requests:
+            self.sent[request.request_id] = now
 
     async def collect(
         self, worker: WorkerProcess, n_requests: int, on_chunks: OnChunks | None = None
@@ -100,19 +111,32 @@ class WorkerPool:
 
     def keeps(self, worker: WorkerProcess) -> bool:
         """Whether an acquired worker may take another batch before it is released (not when it retires)."""
-        return not (worker.retiring or self.closed)
+        return not (worker.retiring or self.closed or self._urgent)
 
     def release(self, worker: WorkerProcess) -> None:
         if worker.retiring or self.closed:
             self._discard(worker)
             asyncio.get_running_loop().create_task(worker.stop(self.settings.response_timeout))
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while self._urgent or self._waiters:
+            waiter = (self._urgent or self._waiters).popleft()
             if not waiter.done():
                 waiter.set_result(worker)
                 return
         self._idle.append(worker)
+
+    async def describe(self, request: protocol.Request) -> protocol.BatchResult:
+        """The handler's answer to a describe request (``Worker.describe``), from the first worker free: ahead of
+        the batches queued. Runs to its end even when the caller is cancelled, so the worker is always given back;
+        raises ``ServiceUnavailableError`` while ``unavailable``, or the error that lost the worker."""
+        return await asyncio.shield(self._describe(request))
+
+    async def _describe(self, request: protocol.Request) -> protocol.BatchResult:
+        worker = await self.acquire(urgent=True)
+        worker.send_describe(request)
+        result = await self.collect(worker, 1)
+        self.release(worker)
+        return result
 
     def _discard(self, worker: WorkerProcess) -> None:
         if worker in self.workers:
@@ -195,14 +219,14 @@ class WorkerPool:
             self._fail_waiters(NO_WORKER)
 
     def _fail_waiters(self, reason: str) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while self._urgent or self._waiters:
+            waiter = (self._urgent or self._waiters).popleft()
             if not waiter.done():
                 waiter.set_exception(ServiceUnavailableError(reason))
 
-    async def close(self, timeout: float | None = None) -> None:
+    async def close(self, timeout: float | None = None) -> bool:
         """Stop every worker (each gets ``timeout``, by default ``response_timeout``, to finish its batch and exit
-        before it is killed) and cancel pending restarts."""
+        before it is killed) and cancel pending restarts. Returns whether every worker exited in time."""
         self.closed = True
         self.target = 0
         for task in list(self._restarts):
@@ -211,4 +235,10 @@ class WorkerPool:
         workers, self.workers = list(self.workers), []
         self._idle.clear()
         stop_timeout = self.settings.response_timeout if timeout is None else timeout
-        await asyncio.gather(*(w.stop(stop_timeout) for w in workers))
+        return all(await asyncio.gather(*(w.stop(stop_timeout) for w in workers)))
+
+    def reopen(self) -> None:
+        """After ``close``: a pool with no workers again, which ``scale`` grows (the pool of a model kept after an
+        unregister that timed out)."""
+        self.closed = False
+        self._failures = 0

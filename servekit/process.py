@@ -1,9 +1,10 @@
-"""WorkerProcess: one spawned worker and the socket pair to it, from the front end's side.
+"""WorkerProcess: one worker process and the socket pair to it, from the front end's side.
 
-The process is ``python -m servekit.worker --fd N``; it loads the model when sent a ``LoadCommand`` and runs one
-batch per frame. Every frame from it is checked (``protocol.decode``) and bounded in size; a malformed or
-oversized frame, an early exit or a missed ``response_timeout`` make it dead, and the error says why. Its stdout and
-stderr go to the server log under its name; a watcher notices when it exits on its own.
+The process is ``python -m servekit.worker --fd N``, forked from the zygote when there is one (``PoolSettings.forks``,
+``servekit.forkserver``), else spawned; it loads the model when sent a ``LoadCommand`` and runs one batch per frame.
+Every frame from it is checked (``protocol.decode``) and bounded in size; a malformed or oversized frame, an early
+exit or a missed ``response_timeout`` make it dead, and the error says why. Its stdout and stderr go to the server
+log under its name; a watcher notices when it exits on its own. Forked or spawned, it is the front end's child.
 
 Runs in the front-end process (asyncio); never imports the handler or torch.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from servekit import protocol
 from servekit.errors import HandlerError, ProtocolError, ResponseTimeoutError, WorkerDiedError
+from servekit.forkserver import ForkedProcess, ForkServer
 from servekit.inputs import InputCheck
 
 logger = logging.getLogger("servekit.process")
@@ -42,10 +44,11 @@ class PoolSettings:
     startup_timeout: float
     max_response_size: int
     gpu_ids: tuple[int, ...] = ()  # round-robin over these; empty = CPU
+    forks: ForkServer | None = None  # where workers are forked from; None, or when it cannot: spawned
 
 
 class WorkerProcess:
-    """One spawned worker and the socket to it."""
+    """One worker process and the socket to it."""
 
     def __init__(
         self,
@@ -62,7 +65,7 @@ class WorkerProcess:
         self.start_time = time.time()
         self.status = "STARTING"
         self.retiring = False
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | ForkedProcess | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.input_check: InputCheck | None = None  # the handler's declared input, once loaded
@@ -84,30 +87,13 @@ class WorkerProcess:
         return pages * os.sysconf("SC_PAGE_SIZE")
 
     async def start(self) -> None:
-        """Spawn the process and load the model; raises ``HandlerError`` if the load fails."""
-        parent, child = socket.socketpair()
+        """Fork or spawn the process and load the model; raises ``HandlerError`` if the load fails."""
         threads = str(self.command.torch_threads)  # torch reads these at import: no oversubscribed cores
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "servekit.worker",
-                "--fd",
-                str(child.fileno()),
-                "--parent",
-                str(os.getpid()),
-                pass_fds=(child.fileno(),),
-                cwd=self.command.model_dir,
-                env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        assert self.process.stdout is not None
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        parent = None if self.settings.forks is None else await self._fork(self.settings.forks, env)
+        if parent is None:
+            parent = await self._spawn(env)
+        assert self.process is not None and self.process.stdout is not None
         self._output = asyncio.get_running_loop().create_task(self._relay_output(self.process.stdout))
         self._reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
         try:
@@ -138,6 +124,46 @@ class WorkerProcess:
                 raise HandlerError(f"Failed to load model {self.command.model_name}: {exc.message}") from None
         self.status = "READY"
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _fork(self, forks: ForkServer, env: dict[str, str]) -> socket.socket | None:
+        """Fork the process from the zygote; ``None`` when it cannot (the caller spawns it then)."""
+        parent, child = socket.socketpair()
+        try:
+            self.process = await forks.fork(child, env, self.command.model_dir, self.command.torch_threads)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        if self.process is None:
+            parent.close()  # a worker forked before the zygote failed sees its socket close, and exits
+            return None
+        return parent
+
+    async def _spawn(self, env: dict[str, str]) -> socket.socket:
+        """Spawn the process as a fresh Python."""
+        parent, child = socket.socketpair()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "servekit.worker",
+                "--fd",
+                str(child.fileno()),
+                "--parent",
+                str(os.getpid()),
+                pass_fds=(child.fileno(),),
+                cwd=self.command.model_dir,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        return parent
 
     @property
     def name(self) -> str:
@@ -171,6 +197,11 @@ class WorkerProcess:
         the batches were sent. A worker runs one batch at a time; the next may wait in the socket meanwhile."""
         assert self._writer is not None
         self._writer.write(b"".join(protocol.encode_batch(requests)))
+
+    def send_describe(self, request: protocol.Request) -> None:
+        """Hand an idle worker a describe request; ``receive_batch(1)`` then waits for its answer."""
+        assert self._writer is not None
+        self._writer.write(b"".join(protocol.encode_describe(request)))
 
     async def receive_batch(self, n_requests: int, on_chunks: OnChunks | None = None) -> protocol.BatchResult:
         """The result of the batch of ``n_requests`` sent last; raises ``WorkerDiedError``/``ResponseTimeoutError``
@@ -214,17 +245,20 @@ class WorkerProcess:
             raise ProtocolError(f"frame of {total} bytes exceeds the limit of {limit}")
         return protocol.decode(await self._reader.readexactly(total))
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Close the socket (the worker exits), then TERM and KILL if it lingers."""
+    async def stop(self, timeout: float = 5.0) -> bool:
+        """Close the socket (the worker exits once its batch is done), then TERM and KILL if it lingers past
+        ``timeout``. Returns whether it exited by itself in time."""
         self.status = "UNLOADING"
         if self._writer is not None:
             self._writer.close()
         if self.process is None or self.process.returncode is not None:
-            return
+            return True
         try:
             await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
             await self.kill()
+            return False
+        return True
 
     async def kill(self) -> int | None:
         """Terminate now and reap; returns the exit code (negative: the signal)."""

@@ -78,6 +78,7 @@ class Failure:
     kind: str
     message: str
     traceback: str = ""
+    verbatim: bool = False  # ``message`` is the client's whole answer, as the handler gave it (``failure_message``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,11 @@ MAX_RECORDS = 1000  # metric records per batch; more is a protocol error
 
 
 def failure_message(model: str, failure: Failure) -> str:
-    """What a client is told when its batch failed in the handler."""
+    """What a client is told when its batch failed in the handler: the message alone when it is ``verbatim`` (a
+    ``PredictionException``'s, or ``MemoryError``'s "Out of resources", as TorchServe sends them), else the model
+    and the exception's type with it."""
+    if failure.verbatim:
+        return failure.message
     return f"Prediction failed for model {model}: {failure.kind}: {failure.message}"
 
 
@@ -152,6 +157,16 @@ def encode_batch(requests: Sequence[Request]) -> list[bytes | bytearray | memory
         for r in requests
     ]
     return encode({"op": "batch", "requests": meta}, [f.value for r in requests for f in r.fields])
+
+
+def encode_describe(request: Request) -> list[bytes | bytearray | memoryview]:
+    """TorchServe's describe request (``GET /models/{m}?customized=true``): one request without inputs, answered
+    by the handler's ``describe_handle``; its result comes back as a batch's of one."""
+    return encode({"op": "describe", "id": request.request_id, "headers": request.headers})
+
+
+def decode_describe(header: dict[str, Any]) -> Request:
+    return Request(header["id"], header["headers"], ())
 
 
 def decode_batch(header: dict[str, Any], parts: list[memoryview]) -> list[Request]:
@@ -250,7 +265,13 @@ def encode_failure(failure: Failure) -> list[bytes | bytearray | memoryview]:
 
 def decode_failure(header: dict[str, Any]) -> Failure:
     try:
-        failure = Failure(int(header["status"]), str(header["kind"]), str(header["message"]), str(header["traceback"]))
+        failure = Failure(
+            int(header["status"]),
+            str(header["kind"]),
+            str(header["message"]),
+            str(header["traceback"]),
+            header.get("verbatim") is True,
+        )
     except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed failure message") from None
     if not 400 <= failure.status <= 599:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from servekit import forkserver
 from servekit.archive import ModelSpec
 from servekit.batcher import Batcher
 from servekit.config import Settings, detect_gpu_count
@@ -26,15 +27,20 @@ from servekit.errors import (
     BadRequestError,
     ConflictError,
     ForbiddenError,
+    HandlerError,
     ModelNotFoundError,
     ModelVersionNotFoundError,
+    RequestTimeoutError,
     ServekitError,
+    ServiceUnavailableError,
+    WorkerStartError,
 )
+from servekit.forkserver import ForkServer
 from servekit.metrics import Metrics, ModelMetrics, ModelState
 from servekit.oip import TensorSpec, specs_from_config
-from servekit.pool import WorkerPool
+from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
-from servekit.protocol import LoadCommand, Request, Response
+from servekit.protocol import Failure, LoadCommand, Request, Response, failure_message
 
 logger = logging.getLogger("servekit.registry")
 
@@ -178,6 +184,8 @@ class ModelRegistry:
         self._background: set[asyncio.Task[None]] = set()
         self.starting = True
         self.draining = False
+        # The zygote that workers are forked from (servekit.forkserver); the server starts it (``forks.start``).
+        self.forks = ForkServer() if settings.fork_workers and forkserver.supported() else None
 
     def get(self, name: str, version: str | None = None) -> Model:
         versions = self._models.get(name)
@@ -256,9 +264,12 @@ class ModelRegistry:
         synchronous: bool = True,
         downloaded: Path | None = None,
         default_workers: int | None = None,
+        keep_failed: bool = False,
     ) -> Model:
         """Serve a model version. Synchronously, this waits for its workers and, if they fail to load,
-        leaves nothing registered and raises the handler's error. Asynchronously, the workers start in the
+        leaves nothing registered and raises the handler's error; with ``keep_failed`` (TorchServe's management
+        API) the model stays registered with no workers (``minWorkers`` and ``maxWorkers`` 0) and
+        ``WorkerStartError`` is raised, the handler's error being logged. Asynchronously, the workers start in the
         background and the model is removed again if they fail. With no workers to start, the model is
         registered (and ``on_change`` called) before this returns, whatever ``synchronous`` says: its handler
         is first loaded when it is scaled up. ``default_workers`` is the worker count when neither ``params``
@@ -292,6 +303,7 @@ class ModelRegistry:
             startup_timeout=model_settings.startup_timeout,
             max_response_size=self.settings.max_response_size,
             gpu_ids=model_settings.gpu_ids,
+            forks=self.forks,
         )
         model_metrics = self.metrics.model(spec.name, spec.version)
 
@@ -307,16 +319,26 @@ class ModelRegistry:
         versions[spec.version] = model
         self._defaults.setdefault(spec.name, spec.version)
         if synchronous or model_settings.min_workers == 0:
-            await self._start_workers(model)
+            await self._start_workers(model, keep_failed=keep_failed)
         else:
             self._in_background(self._start_workers(model, log_errors=True))
         return model
 
-    async def _start_workers(self, model: Model, log_errors: bool = False) -> None:
+    async def _start_workers(self, model: Model, log_errors: bool = False, keep_failed: bool = False) -> None:
         try:
             async with model.lock:
                 await model.pool.scale(model.settings.min_workers)
         except BaseException as exc:
+            if keep_failed and isinstance(exc, ServekitError):
+                logger.error(
+                    "model %s version %s stays registered with no workers, as they failed to start: %s",
+                    *(model.name, model.version, exc.message),
+                )
+                async with model.lock:
+                    await model.pool.scale(0)  # any worker that did load stops too
+                    model.settings = replace(model.settings, min_workers=0, max_workers=0)
+                self._on_change()
+                raise WorkerStartError(model.name, model.version) from None
             await self._remove(model)
             if log_errors and isinstance(exc, ServekitError):
                 logger.error("model %s version %s removed: %s", model.name, model.version, exc.message)
@@ -362,11 +384,14 @@ class ModelRegistry:
             logger.error("%s failed: %s", what, exc.message)
 
     def set_default(self, name: str, version: str) -> None:
-        self.get(name, version)
+        if name not in self._models:
+            raise ModelNotFoundError(name)
+        if version not in self._models[name]:  # TorchServe's set-default wording, without its other 404s' colons
+            raise ModelVersionNotFoundError(name, version, f"Model version {version} does not exist for model {name}")
         self._defaults[name] = version
         self._on_change()
 
-    async def _remove(self, model: Model, timeout: float | None = None) -> None:
+    def _detach(self, model: Model) -> None:
         versions = self._models.get(model.name, {})
         versions.pop(model.version, None)
         if not versions:
@@ -374,21 +399,78 @@ class ModelRegistry:
             self._defaults.pop(model.name, None)
         elif self._defaults.get(model.name) == model.version:
             self._defaults[model.name] = next(iter(versions))
-        await model.batcher.close(self.settings.unregister_model_timeout if timeout is None else timeout)
-        await model.pool.close(timeout)
+
+    @staticmethod
+    def _discard_files(model: Model) -> None:
         model.spec.remove_staging()
         if model.downloaded is not None:
             model.downloaded.unlink(missing_ok=True)
 
+    async def _remove(self, model: Model, timeout: float | None = None) -> None:
+        """Take the model out, let what is queued run for ``timeout`` (default ``unregister_model_timeout``), stop
+        the workers (each gets ``timeout``, default ``response_timeout``) and remove its files."""
+        self._detach(model)
+        await model.batcher.close(self.settings.unregister_model_timeout if timeout is None else timeout)
+        await model.pool.close(timeout)
+        self._discard_files(model)
+
     async def unregister(self, name: str, version: str | None = None) -> Model:
-        """Stop admitting, drain or fail what is queued within ``unregister_model_timeout``, stop the workers,
-        remove the staging folder. The default version cannot go while other versions remain."""
+        """Stop admitting, let what is queued and running finish, stop the workers and remove the staging folder,
+        all within ``unregister_model_timeout``; what is still queued then is answered 503. Workers that have not
+        exited by then are killed and ``RequestTimeoutError`` (408) raised, as TorchServe answers; the model then
+        stays registered with no workers (``minWorkers`` and ``maxWorkers`` 0), as TorchServe keeps it, and another
+        unregister removes it. The default version cannot go while other versions remain."""
         model = self.get(name, version)
         if len(self._models[name]) > 1 and self._defaults[name] == model.version:
             raise ForbiddenError(f"Cannot remove default version for model {name}")
-        await self._remove(model)
+        timeout = self.settings.unregister_model_timeout
+        deadline = time.monotonic() + timeout
+        self._detach(model)
+        await model.batcher.close(timeout)
+        if not await model.pool.close(max(0.0, deadline - time.monotonic())):
+            self._keep_without_workers(model)
+            self._on_change()
+            raise RequestTimeoutError(f"Timed out while cleaning resources: {name}")
+        self._discard_files(model)
         self._on_change()
         return model
+
+    async def describe_handle(self, model: Model, request: Request) -> Response:
+        """The handler's own description of ``model`` (``GET /models/{m}?customized=true``, TorchServe's
+        ``describe_handle``): the first free worker runs the handler on ``request`` (no inputs; the worker sets the
+        ``describe`` header), ahead of the batches queued. ``ServiceUnavailableError`` while the model has no worker;
+        a handler that fails is a ``HandlerError``, as for a batch."""
+        no_worker = ServiceUnavailableError(
+            f'Model "{model.name}" has no worker to serve describe request.'
+            " Please use scale workers API to add workers."
+        )
+        reason = model.pool.unavailable()
+        if reason is not None:
+            raise no_worker if reason == NO_WORKER else ServiceUnavailableError(f'Model "{model.name}" {reason}')
+        try:
+            result = await model.pool.describe(request)
+        except ServiceUnavailableError:
+            raise no_worker from None
+        for record in result.metrics:
+            self.metrics.record(model.name, record)
+        if isinstance(result.outcome, Failure):
+            raise HandlerError(failure_message(model.name, result.outcome), result.outcome.status)
+        return result.outcome[0]
+
+    def _keep_without_workers(self, model: Model) -> None:
+        """A model whose unregister timed out, back in the registry with no workers and a new queue (unless the
+        same version was registered again meanwhile: then it goes)."""
+        versions = self._models.setdefault(model.name, {})
+        if model.version in versions:
+            self._discard_files(model)
+            return
+        model.settings = replace(model.settings, min_workers=0, max_workers=0)
+        model.pool.reopen()
+        model.batcher = Batcher(
+            model.name, model.pool, model.settings.batch_size, model.settings.job_queue_size, model.metrics
+        )
+        versions[model.version] = model
+        self._defaults.setdefault(model.name, model.version)
 
     async def close(self, timeout: float) -> None:
         """Unregister everything (server shutdown, after the drain): what is still queued gets ``timeout`` seconds,
@@ -397,3 +479,5 @@ class ModelRegistry:
             task.cancel()
         models = [m for versions in self._models.values() for m in versions.values()]
         await asyncio.gather(*(self._remove(m, timeout) for m in models))
+        if self.forks is not None:
+            await self.forks.close(timeout)

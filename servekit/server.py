@@ -1,12 +1,15 @@
-"""The server process: builds the registry and the three apps, binds the ports, loads the startup
-models (from the latest snapshot if there is one, else ``load_models``), and owns signals and shutdown.
+"""The server process: builds the registry and the three apps (and the two gRPC ports, ``servekit.grpc``, unless
+``enable_grpc=false``), binds the ports, loads the startup models (from the latest snapshot if there is one, else
+``load_models``), and owns signals and shutdown.
 
-SIGTERM or SIGINT: ``/ping`` turns unhealthy and the listeners close at once; requests in flight and queued
-finish within ``drain_timeout`` (30 s); then the workers get ``WORKER_EXIT_S`` to exit (else they are killed) and
-the process exits 0, so shutdown takes at most ``drain_timeout`` + 5 s (+ 2 s to reap a killed worker). A second
-signal exits at once (code 1); the workers die with the front end (they ask the kernel for that).
+SIGTERM or SIGINT: ``/ping`` turns unhealthy and the listeners close at once (the gRPC ports refuse new calls);
+requests in flight and queued finish within ``drain_timeout`` (30 s); then the workers get ``WORKER_EXIT_S`` to
+exit (else they are killed) and the process exits 0, so shutdown takes at most ``drain_timeout`` + 5 s (+ 2 s to
+reap a killed worker). A second signal exits at once (code 1); the workers die with the front end (they ask the
+kernel for that).
 ``/ping`` answers ``Unhealthy`` until every startup model is loaded. With token authorization on
-(the default), ``key_file.json`` is written in the working directory at start and removed at exit.
+(the default), ``key_file.json`` is written in the working directory at start and removed at exit, unless the keys
+are supplied (``key_file`` or ``SERVEKIT_<KIND>_KEY``, ``servekit.api.keys``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -29,6 +33,7 @@ from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
 from servekit.api.http import DirectRoute, protocol_with
 from servekit.api.inference import create_inference_app
+from servekit.api.keys import supplied_keys
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
 from servekit.archive import ARCHIVE_SUFFIXES, open_archive
@@ -36,6 +41,10 @@ from servekit.config import Address, Settings
 from servekit.errors import ConfigError, ServekitError
 from servekit.metrics import Metrics
 from servekit.registry import ModelRegistry
+from servekit.tls import server_context
+
+if TYPE_CHECKING:
+    from servekit.grpc.port import GrpcPort
 
 logger = logging.getLogger("servekit.server")
 WORKER_EXIT_S = 5.0  # after the drain: how long workers get to exit before they are killed
@@ -52,6 +61,44 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def cors_headers(settings: Settings) -> list[tuple[str, str]]:
+    """The CORS headers of ``cors_allowed_origin|methods|headers``, for every response of every port (uvicorn sends
+    them with each, the direct route's and its own error answers too), as TorchServe's ``sendHttpResponse`` does."""
+    return [
+        (name, value)
+        for name, value in (
+            ("access-control-allow-origin", settings.cors_allowed_origin),
+            ("access-control-allow-methods", settings.cors_allowed_methods),
+            ("access-control-allow-headers", settings.cors_allowed_headers),
+        )
+        if value
+    ]
+
+
+def create_grpc_ports(settings: Settings, registry: ModelRegistry, tokens: TokenStore | None) -> list[GrpcPort]:
+    """TorchServe's gRPC ports with their services, not yet listening; none with ``enable_grpc=false``. grpcio and
+    the generated messages are imported only then (``servekit.grpc``)."""
+    if not settings.enable_grpc:
+        return []
+    # Before grpcio loads: the workers start by fork and exec and never use gRPC, so grpcio's fork handlers would
+    # only log "skipping fork() handlers" for each worker started.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from servekit.grpc.server import grpc_ports
+
+    return list(grpc_ports(settings, registry, tokens).both)
+
+
+async def start_grpc_ports(ports: list[GrpcPort]) -> bool:
+    """Make the gRPC ports listen; ``False``, with the cause logged, when one cannot."""
+    for port in ports:
+        try:
+            await port.start()
+        except OSError as exc:
+            logger.error("%s port: %s", port.name, exc)
+            return False
+    return True
 
 
 def startup_models(settings: Settings) -> list[tuple[str | None, Path, str]]:
@@ -136,6 +183,9 @@ async def serve_port(server: _Server) -> None:
 
 
 async def serve(settings: Settings) -> int:
+    tls_context = server_context(settings)  # a bad key or certificate stops the start here, before any port binds
+    supplied = supplied_keys(settings)  # and so does bad token key material: never a fall back to no keys
+
     def save_snapshot() -> None:
         if settings.snapshots and not registry.starting:
             try:
@@ -145,12 +195,20 @@ async def serve(settings: Settings) -> int:
 
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics, on_change=save_snapshot)
+    if registry.forks is not None:
+        registry.forks.start()  # it imports torch while the ports bind; the first worker is forked from it
     metrics.watch(registry.states)
     tokens = (
         None
         if settings.disable_token_authorization
-        else TokenStore(Path("key_file.json"), settings.token_expiration_min)
+        else TokenStore(Path("key_file.json"), settings.token_expiration_min, supplied)
     )
+    try:
+        grpc_ports = create_grpc_ports(settings, registry, tokens)
+    except ConfigError:
+        if tokens is not None:
+            tokens.remove()
+        raise
     inference, predictions = create_inference_app(registry, metrics, tokens)  # counts and logs its responses
     apps: list[tuple[ASGIApp, Address, DirectRoute | None]] = [
         (inference, settings.inference_address, predictions),
@@ -173,10 +231,15 @@ async def serve(settings: Settings) -> int:
                 proxy_headers=False,  # the access log names the peer, as TorchServe's does
                 log_level="warning",
                 timeout_graceful_shutdown=int(settings.drain_timeout),
+                headers=cors_headers(settings),
             )
         )
         for app, a, direct in apps
     ]
+    for server, (_, a, _) in zip(servers, apps, strict=True):
+        if a.scheme == "https":  # uvicorn's TLS settings name files; the context is built in memory (servekit.tls)
+            server.config.load()
+            server.config.ssl = tls_context
     stop = asyncio.Event()
 
     def on_signal() -> None:
@@ -198,15 +261,15 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     tasks = [asyncio.create_task(serve_port(s)) for s in servers]
-    while not all(s.started for s in servers):
-        if any(t.done() for t in tasks):
-            logger.error("could not bind the server ports")
-            for s in servers:
-                s.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
-            cleanup()
-            return 1
+    while not all(s.started for s in servers) and not any(t.done() for t in tasks):
         await asyncio.sleep(0.02)
+    if not all(s.started for s in servers) or not await start_grpc_ports(grpc_ports):
+        logger.error("could not bind the server ports")
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, *(p.stop(None) for p in grpc_ports), return_exceptions=True)
+        cleanup()
+        return 1
     pid_file().write_text(json.dumps({"pid": os.getpid(), "inference_address": str(settings.inference_address)}))
     try:
         await load_startup_models(registry)
@@ -217,7 +280,8 @@ async def serve(settings: Settings) -> int:
         logger.info("shutting down")
         for s in servers:
             s.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        drain = (p.stop(settings.drain_timeout) for p in grpc_ports)  # new calls refused, those running finish
+        await asyncio.gather(*tasks, *drain, return_exceptions=True)
         await registry.close(WORKER_EXIT_S)
     finally:
         cleanup()

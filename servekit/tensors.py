@@ -45,37 +45,41 @@ class TensorRunner:
         return [answers[i] for i in range(len(requests))]
 
     @staticmethod
-    def _signature(inputs: dict[str, Any], index: int) -> Any:
-        """Requests with the same signature can be concatenated along dimension 0."""
-        if any(isinstance(v, list) or v.dim() == 0 for v in inputs.values()):
+    def _signature(inputs: dict[str, tuple[str, list[int], bytes]], index: int) -> Any:
+        """Requests with the same signature can be joined along dimension 0."""
+        if any(datatype == "BYTES" or not shape for datatype, shape, _ in inputs.values()):
             return ("alone", index)
-        return tuple(sorted((name, str(v.dtype), tuple(v.shape[1:])) for name, v in inputs.items()))
+        return tuple(sorted((name, datatype, tuple(shape[1:])) for name, (datatype, shape, _) in inputs.items()))
 
     def _run_group(self, group: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[protocol.Response]:
-        import torch
-
+        """Run a group of requests as one batch: their rows joined (one tensor per input, made from their bytes at
+        once), the outputs cut back into each request's rows."""
+        sizes = None if len(group) == 1 else [next(iter(inputs.values()))[1][0] for _, inputs in group]
         try:
-            if len(group) == 1:
-                results = [self._call(group[0][1])]
-            else:
-                names = list(group[0][1])
-                merged = {name: torch.cat([inputs[name] for _, inputs in group]) for name in names}
-                sizes = [inputs[names[0]].shape[0] for _, inputs in group]
-                outputs = self._call(merged)
-                parts = {name: torch.split(value, sizes) for name, value in outputs.items()}
-                results = [{name: parts[name][i] for name in outputs} for i in range(len(group))]
+            merged = {}
+            for name, (datatype, shape, _) in group[0][1].items():
+                rows = shape if sizes is None else [sum(sizes), *shape[1:]]
+                merged[name] = oip.as_tensor(datatype, rows, b"".join(inputs[name][2] for _, inputs in group))
+            outputs = oip.Outputs(self._call(merged), sizes)
         except (NotImplementedError, KeyError, TypeError, ValueError) as exc:
             return [v2_error(400, f"model {self.context.model_name}: {type(exc).__name__}: {exc}")] * len(group)
         except Exception as exc:
             logger.exception("tensor inference failed")
             return [v2_error(500, f"model {self.context.model_name}: {type(exc).__name__}: {exc}")] * len(group)
         responses = []
-        for (header, _), outputs in zip(group, results, strict=True):
-            unknown = [name for name, _ in header["outputs"] if name not in outputs]
+        for i, (header, _) in enumerate(group):
+            unknown = [name for name, _ in header["outputs"] if name not in outputs.outputs]
             if unknown:
-                responses.append(v2_error(400, f"unknown output(s) {unknown}; the model returns {sorted(outputs)}"))
+                responses.append(
+                    v2_error(400, f"unknown output(s) {unknown}; the model returns {sorted(outputs.outputs)}")
+                )
                 continue
-            body, headers = oip.encode_response(header, outputs)
+            try:
+                body, headers = outputs.response(header, i)
+            except ValueError as exc:  # the model's outputs do not have the batch's rows
+                logger.error("model %s: %s", self.context.model_name, exc)
+                responses.append(v2_error(500, f"model {self.context.model_name}: {exc}"))
+                continue
             content_type = headers.pop("content-type")
             responses.append(protocol.Response(200, content_type, body, headers))
         return responses

@@ -3,7 +3,8 @@
 Started by the pool as ``python -m servekit.worker --fd N``, where N is this end of a socket pair the
 front end created. The first frame is a ``LoadCommand``; the worker answers ``loaded`` or a
 ``Failure``, then loops: receive a batch, call the handler, send one ``Response`` per request (or one
-``Failure`` for the batch). It exits when the front end closes the socket, so it never outlives the
+``Failure`` for the batch); a describe request (``protocol.encode_describe``) is answered the same way, as a batch
+of one. It exits when the front end closes the socket, so it never outlives the
 server by more than the batch it is running.
 
 Runs in the worker process; never imports asyncio, fastapi, the pool or metrics.
@@ -12,6 +13,7 @@ Runs in the worker process; never imports asyncio, fastapi, the pool or metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -99,6 +101,7 @@ class Worker:
         handler = load_handler(command.handler or DEFAULT_HANDLER, command.model_dir, self.context)
         self.tensors = TensorRunner(getattr(handler, "__self__", None), self.context)
         self.input_schema = declared(handler, "input_schema")
+        self.handler = handler
         self.entry: EntryPoint = wrap(handler, command.envelope) if command.envelope else handler
 
     def run(self, requests: list[protocol.Request]) -> protocol.BatchResult:
@@ -111,6 +114,22 @@ class Worker:
             metrics.add_time("PredictionTime", round(handler_ms, 2))
         records = tuple(protocol.MetricRecord(*record) for record in metrics.take())
         return protocol.BatchResult(outcome, handler_ms, records)
+
+    def describe(self, request: protocol.Request) -> protocol.BatchResult:
+        """TorchServe's describe: the handler (not its envelope) on one request without inputs (``[{}]``) whose
+        ``describe`` header is ``"True"``, so that ``BaseHandler.handle`` answers ``[self.describe_handle()]``. The
+        answer is ``application/json`` unless the handler sets a content type; the handler's status and headers
+        are kept."""
+        start = time.perf_counter()
+        described = protocol.Request(request.request_id, {**request.headers, "describe": "True"}, ())
+        results = self._invoke(self.handler, [described], [{}], [0])
+        outcome: list[protocol.Response] | protocol.Failure = results
+        if not isinstance(results, protocol.Failure):
+            typed = any(name.lower() == "content-type" for name in self.context.get_response_headers(0))
+            response = self._response(0, results[0])
+            outcome = [response if typed else dataclasses.replace(response, content_type="application/json")]
+        records = tuple(protocol.MetricRecord(*record) for record in self.context.metrics.take())
+        return protocol.BatchResult(outcome, (time.perf_counter() - start) * 1000, records)
 
     def _answer(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
         """Answer each request: v2 tensor requests through ``tensors``, the rest through the handler. A request
@@ -166,19 +185,29 @@ class Worker:
         self, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
     ) -> list[protocol.Response] | protocol.Failure:
         """The handler on ``requests``, which are the batch's requests at ``indices`` (streamed chunks name those)."""
+        results = self._invoke(self.entry, requests, data, indices)
+        if isinstance(results, protocol.Failure):
+            return results
+        return [self._response(i, value) for i, value in enumerate(results)]
+
+    def _invoke(
+        self, entry: EntryPoint, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
+    ) -> list[Any] | protocol.Failure:
+        """``entry`` on ``requests``: one result per request, or the failure of the whole call."""
         self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
         self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
         self.context.intermediate = lambda values, code: self._send_chunks(
             [(i, self._response(i, value, code)) for i, value in enumerate(values)], indices
         )
         try:
-            results = self.entry(data, self.context)
+            results = entry(data, self.context)
             if isinstance(results, list) and any(is_stream(value) for value in results):
                 results = self._stream(results, indices)
-        except PredictionException as exc:
-            return protocol.Failure(exc.error_code, type(exc).__name__, exc.message, traceback.format_exc())
+        except PredictionException as exc:  # its message alone reaches the client, as in TorchServe
+            trace = traceback.format_exc()
+            return protocol.Failure(exc.error_code, type(exc).__name__, exc.message, trace, verbatim=True)
         except MemoryError:
-            return protocol.Failure(507, "MemoryError", "Out of resources", traceback.format_exc())
+            return protocol.Failure(507, "MemoryError", "Out of resources", traceback.format_exc(), verbatim=True)
         except Exception as exc:
             return protocol.Failure(500, type(exc).__name__, str(exc), traceback.format_exc())
         if not isinstance(results, list):
@@ -194,7 +223,7 @@ class Worker:
                 f"number of batch response mismatched: handler returned {len(results)} results "
                 f"for a batch of {len(requests)} requests",
             )
-        return [self._response(i, value) for i, value in enumerate(results)]
+        return results
 
     def _send_chunks(self, chunks: list[tuple[int, protocol.Response]], indices: list[int]) -> None:
         if self.partial is None:
@@ -273,8 +302,11 @@ def serve(sock: socket.socket) -> int:
     protocol.send_frame(sock, frame)
     while (body := protocol.recv_frame(sock)) is not None:
         header, parts = protocol.decode(body)
-        requests = protocol.decode_batch(header, parts)
-        protocol.send_frame(sock, protocol.encode_result(worker.run(requests)))
+        if header.get("op") == "describe":
+            result = worker.describe(protocol.decode_describe(header))
+        else:
+            result = worker.run(protocol.decode_batch(header, parts))
+        protocol.send_frame(sock, protocol.encode_result(result))
     return 0
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -109,24 +110,27 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def write_config(path: Path, ports: Sequence[int], extra: dict[str, str] | None = None) -> Path:
+def write_config(path: Path, ports: Sequence[int], extra: dict[str, str] | None = None, scheme: str = "http") -> Path:
     lines = [
-        f"inference_address=http://127.0.0.1:{ports[0]}",
-        f"management_address=http://127.0.0.1:{ports[1]}",
-        f"metrics_address=http://127.0.0.1:{ports[2]}",
+        f"inference_address={scheme}://127.0.0.1:{ports[0]}",
+        f"management_address={scheme}://127.0.0.1:{ports[1]}",
+        f"metrics_address={scheme}://127.0.0.1:{ports[2]}",
+        "enable_grpc=false",  # else every test server binds 7070/7071; tests/test_grpc.py turns it on, on free ports
     ]
     lines += [f"{k}={v}" for k, v in (extra or {}).items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90, verify: ssl.SSLContext | bool = True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/ping", timeout=2).status_code == 200:
+            if httpx.get(url + "/ping", timeout=2, verify=verify).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text(errors='replace')}")
@@ -140,25 +144,28 @@ def running_server(
     config: dict[str, str] | None = None,
     args: Sequence[str] = ("--disable-token-auth", "--ncs"),
     wait: bool = True,
+    scheme: str = "http",
+    verify: ssl.SSLContext | bool = True,
 ) -> Iterator[Server]:
     """``servekit start --foreground`` in a subprocess on free ports; stopped (TERM, then KILL) afterwards.
-    By default without token auth and snapshots: tests of those pass their own ``args``."""
+    By default without token auth and snapshots: tests of those pass their own ``args``. ``scheme="https"`` serves
+    the three ports over TLS (``config`` names the key and certificate); ``/ping`` is then called with ``verify``."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "server.log"
     env = {**os.environ, "TMPDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):
         # A free port can be taken (by a client's ephemeral port) before the server binds it: then try others.
         ports = [free_port() for _ in range(3)]
-        cfg = write_config(workdir / "config.properties", ports, config)
+        cfg = write_config(workdir / "config.properties", ports, config, scheme)
         command = [sys.executable, "-m", "servekit", "start", "--foreground", "--model-store", str(store)]
         command += ["--ts-config", str(cfg), "--models", *models, *args]
         with open(log, "wb") as out:
             process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-        inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports)
+        inference, management, metrics = (f"{scheme}://127.0.0.1:{p}" for p in ports)
         server = Server(process, inference, management, metrics, log, workdir)
         try:
             if wait:
-                wait_healthy(server.inference, process, log)
+                wait_healthy(server.inference, process, log, verify=verify)
         except RuntimeError:
             stop_process(process)
             if attempt < 2 and "address already in use" in log.read_text(errors="replace"):
@@ -191,13 +198,22 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
             process.wait()
 
 
-def children_of(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (from /proc)."""
+def children_of(pid: int, zygote: bool = False) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc): a server's workers. The worker zygote (``servekit.zygote``, which
+    workers are forked from) is left out unless ``zygote``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid and (
+                    zygote or b"\0servekit.zygote\0" not in (entry / "cmdline").read_bytes()
+                ):
                     found.append(int(entry.name))
     return found
+
+
+def zygote_of(pid: int) -> int | None:
+    """The pid of the worker zygote of the server ``pid``, if it has one."""
+    workers = set(children_of(pid))
+    return next((child for child in children_of(pid, zygote=True) if child not in workers), None)

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from servekit import cli
-from servekit.config import Settings, load_settings, parse_properties
+from servekit.api.keys import read_key_file
+from servekit.config import KEY_VARIABLES, Settings, load_settings, parse_properties
 from tests.helpers import build_mlp, free_port, stop_process, wait_healthy
 from tests.test_configs import metric_names
 
@@ -554,9 +556,17 @@ def test_kubernetes_deployment_ports_probes_and_store_match_servekits_config(tmp
     assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
-    # replicas are stateless: no snapshots, and no per-replica keys a client behind the Service could not know
-    assert not settings.snapshots and settings.disable_token_authorization
+    # replicas are stateless: no snapshots, and keys every replica shares (a Secret), so a client behind the Service
+    # holds one key
+    assert not settings.snapshots and not settings.disable_token_authorization
+    assert "--disable-token-auth" not in container["args"] and "--dt" not in container["args"]
     pod = manifest("Deployment")["spec"]["template"]["spec"]
+    keys = only(container["volumeMounts"], name="keys")
+    assert keys["readOnly"] and settings.key_file is not None
+    assert settings.key_file.parent == Path(keys["mountPath"])
+    secret = only(pod["volumes"], name="keys")["secret"]
+    assert secret["items"] == [{"key": settings.key_file.name, "path": settings.key_file.name}]
+    assert secret["defaultMode"] & 0o007 == 0, "no one outside servekit's group reads the keys"
     store = only(container["volumeMounts"], name="models")
     assert str(settings.model_store) == store["mountPath"] and store["readOnly"]
     claim = only(pod["volumes"], name="models")["persistentVolumeClaim"]["claimName"]
@@ -567,6 +577,20 @@ def test_kubernetes_deployment_ports_probes_and_store_match_servekits_config(tmp
     assert container["securityContext"]["readOnlyRootFilesystem"]
     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
     assert {read_dockerfile().final.last("WORKDIR"), "/tmp"} <= writable
+
+
+def test_kubernetes_secret_command_makes_a_key_file_that_servekit_accepts(tmp_path: Path) -> None:
+    """The commands deployment.yaml's comment gives for the Secret: the first writes a key file servekit takes."""
+    text = (KUBERNETES / "deployment.yaml").read_text()
+    commands = [line.removeprefix("#").strip() for line in text.splitlines() if line.startswith("#   ")]
+    make = next(c for c in commands if "secrets.token_urlsafe" in c)
+    create = next(c for c in commands if c.startswith("kubectl create secret"))
+    name = only(manifest("Deployment")["spec"]["template"]["spec"]["volumes"], name="keys")["secret"]["secretName"]
+    assert f"generic {name} --from-file=key_file.json" in create
+    subprocess.run(["bash", "-c", make], cwd=tmp_path, check=True, env={"PATH": os.environ["PATH"]})
+    found = read_key_file(tmp_path / "key_file.json")
+    assert set(found.keys) == {"inference", "management", "API"} and not found.expiry
+    assert stat.S_IMODE((tmp_path / "key_file.json").stat().st_mode) == 0o600
 
 
 def test_kubernetes_termination_grace_period_covers_prestop_and_drain(tmp_path: Path) -> None:
@@ -620,6 +644,12 @@ def test_kserve_runtime_runs_the_image_command_on_its_inference_port() -> None:
         "port": settings.inference_address.port,
     }
     assert "v2" in runtime["spec"]["protocolVersions"]
+    # token authorization on, with keys from a Secret, the same for every replica
+    assert "--disable-token-auth" not in container["args"] and "--dt" not in container["args"]
+    env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in container["env"]}
+    assert set(env) == {KEY_VARIABLES["inference"], KEY_VARIABLES["management"]}
+    assert len({ref["name"] for ref in env.values()}) == 1 and not any(ref.get("optional") for ref in env.values())
+    assert "Authorization: Bearer" in (KSERVE / "inferenceservice.yaml").read_text()
     service = manifest("InferenceService", KSERVE)
     assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
     assert service["spec"]["predictor"]["model"]["protocolVersion"] == "v2"

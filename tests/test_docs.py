@@ -184,7 +184,9 @@ def scratch_folder(work: Path, ports: tuple[int, ...], copy_store: bool) -> None
     for port in DEFAULT_PORTS:
         assert f":{port}\n" in config, f"configs/config.properties does not use port {port}: update DEFAULT_PORTS"
     (work / "configs").mkdir()
-    (work / "configs" / "config.properties").write_text(with_ports(config, ports))
+    # gRPC on free ports too (the pages run side by side; both would take TorchServe's 7070/7071)
+    grpc_ports = f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
+    (work / "configs" / "config.properties").write_text(with_ports(config, ports) + grpc_ports)
 
 
 def session_environment(work: Path) -> dict[str, str]:

@@ -121,8 +121,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_invalid_input_from_a_handler_is_a_400_with_its_message(server: Server) -> None:
     response = server.post("/predictions/strict", json={"x": 0})
     assert response.status_code == 400, response.text
-    body = response.json()
-    assert body["code"] == 400 and "x must not be zero" in body["message"] and "InvalidInput" in body["message"]
+    # the message alone, as TorchServe sends a PredictionException's (InvalidInput is one)
+    assert response.json() == {"code": 400, "type": "HandlerError", "message": "x must not be zero"}
     assert server.post("/predictions/strict", json={"x": 21}).json()["doubled"] == 42  # still serving
 
 
@@ -148,9 +148,14 @@ def test_input_schema_is_checked_before_the_request_is_queued(server: Server) ->
 def test_invalid_input_schema_fails_the_registration(server: Server) -> None:
     params = {"url": "badschema.mar", "initial_workers": "1"}  # the schema is checked when a worker loads the handler
     response = httpx.post(server.management + "/models", params=params, timeout=60)
-    assert response.status_code == 500, response.text
-    assert "input_schema is not a valid JSON Schema" in response.json()["message"]
-    assert httpx.get(server.management + "/models/badschema", timeout=10).status_code == 404
+    try:
+        assert response.status_code == 500, response.text
+        assert response.json()["message"] == "Failed to start workers for model badschema version: 1.0"
+        assert "input_schema is not a valid JSON Schema" in server.log_text()  # why, for whoever reads the log
+        # registered all the same, with no workers, as TorchServe keeps a model whose workers failed to start
+        assert httpx.get(server.management + "/models/badschema", timeout=10).json()[0]["workers"] == []
+    finally:
+        httpx.delete(server.management + "/models/badschema", timeout=60)
 
 
 def test_generator_output_is_streamed_chunk_by_chunk(server: Server, tmp_path: Path) -> None:

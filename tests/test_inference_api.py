@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -70,6 +71,12 @@ class Kinds(BaseHandler):
             return [{"created": True}]
         if kind == "tensor":
             return [torch.arange(3)]
+        if kind == "phrase":
+            context.set_response_status(299, "Custom Phrase")
+            return ["phrased"]
+        if kind == "badphrase":
+            context.set_response_status(200, "OK\\r\\nInjected: yes")
+            return ["never sent"]
         if kind == "raise":
             raise ValueError("boom in handler")
         if kind == "wronglen":
@@ -258,6 +265,28 @@ def test_handler_sets_status_and_headers(server: Server) -> None:
     assert response.status_code == 201
     assert response.headers["x-extra"] == "yes"
     assert response.json() == {"created": True}
+
+
+def status_line_and_head(server: Server, kind: bytes) -> tuple[bytes, bytes]:
+    """The raw status line and header block of a /predictions/kinds answer."""
+    host, port = server.inference.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), 10) as sock:
+        sock.sendall(b"POST /predictions/kinds HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(kind), kind))  # fmt: skip
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    line, _, rest = data.partition(b"\r\n")
+    return line, rest.partition(b"\r\n\r\n")[0]
+
+
+def test_handler_reason_phrase_is_the_status_lines_as_in_torchserve(server: Server) -> None:
+    """TorchServe writes the handler's reason phrase, or none at all, in the status line of a handler's answer."""
+    assert status_line_and_head(server, b"phrase")[0] == b"HTTP/1.1 299 Custom Phrase"
+    assert status_line_and_head(server, b"str")[0] == b"HTTP/1.1 200 "
+    line, head = status_line_and_head(server, b"badphrase")  # a phrase that would inject a header: 500 instead
+    assert line.startswith(b"HTTP/1.1 500") and b"injected" not in head.lower()
+    assert server.post("/predictions/kinds", content=b"str", headers={"content-type": "text/plain"}).text == "hello"
 
 
 def test_handler_exception_is_500_naming_model_and_exception_type(server: Server) -> None:

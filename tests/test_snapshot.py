@@ -305,13 +305,16 @@ def test_snapshot_is_replaced_after_every_successful_change_and_kept_on_failure(
         failures = [
             ("POST", "/models", {"url": "missing.mar"}, 404),
             ("POST", "/models", {"url": "b-2.0.mar"}, 409),  # already registered
-            ("POST", "/models", {"url": "broken-1.0.mar", "initial_workers": "1"}, 500),
             ("PUT", "/models/b/9.9/set-default", {}, 404),
         ]
         last, last_prev = path.read_bytes(), prev.read_bytes()
         for method, url, params, status in failures:
             assert mgmt(server, method, url, **params).status_code == status, (url, params)
             assert path.read_bytes() == last and prev.read_bytes() == last_prev, (url, params)
+        # a registration whose workers fail to start leaves the model registered with none, as TorchServe does
+        assert mgmt(server, "POST", "/models", url="broken-1.0.mar", initial_workers="1").status_code == 500
+        saved = read_document(path)["models"]["broken"]["1.0"]
+        assert (saved["minWorkers"], saved["maxWorkers"]) == (0, 0)
         assert sorted(p.name for p in path.parent.iterdir()) == ["snapshot.json", "snapshot.json.prev"]
 
 

@@ -5,12 +5,17 @@ Three keys: ``inference`` (the inference API), ``management`` (the management AP
 ``/token?type=...``, which rotates one of the other two). Inference and management keys expire after
 ``token_expiration_min``. A missing, wrong or expired key is 401 with ``WWW-Authenticate``; a valid key of the
 other kind is 403. ``/ping`` needs no key (load balancers and Kubernetes probe it), nor does the metrics API.
+
+Keys the operator supplies (``servekit.api.keys``: ``key_file`` or ``SERVEKIT_<KIND>_KEY``) replace the made ones,
+so that replicas share them: then nothing is written or removed, a key expires only at its own ``expiration time``,
+and ``/token`` is refused (405), since rotating on one replica would split the fleet. No key is ever logged.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -20,18 +25,32 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servekit.api.errors import error_response
-from servekit.errors import BadRequestError, ForbiddenError, ServekitError, UnauthorizedError
+from servekit.api.keys import SuppliedKeys
+from servekit.errors import BadRequestError, ForbiddenError, MethodNotAllowedError, ServekitError, UnauthorizedError
+
+logger = logging.getLogger("servekit.auth")
 
 KINDS = ("inference", "management")
 FAILED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+ROTATION_OFF = (
+    "Token rotation is off: the keys are supplied by the operator (key_file or SERVEKIT_*_KEY variables), the same on "
+    "every replica; change them there and restart the replicas"
+)
 
 
 class TokenStore:
-    """The server's keys and the key file that publishes them."""
+    """The server's keys: made at start and published in the key file at ``path``, or, with ``supplied``, the
+    operator's (``path`` is then neither written nor removed)."""
 
-    def __init__(self, path: Path, expiration_min: float) -> None:
+    def __init__(self, path: Path, expiration_min: float, supplied: SuppliedKeys | None = None) -> None:
         self.path = path
         self.lifetime_s = expiration_min * 60
+        self.supplied = supplied
+        if supplied is not None:
+            self._keys = dict(supplied.keys)
+            self._expiry = dict(supplied.expiry)
+            logger.info("token authorization: keys supplied by %s", supplied.source)
+            return
         self._keys = {kind: secrets.token_urlsafe(32) for kind in (*KINDS, "API")}
         self._expiry = {kind: time.time() + self.lifetime_s for kind in KINDS}
         self._write()
@@ -45,7 +64,7 @@ class TokenStore:
             json.dump(document, handle, indent=2)
 
     def _matches(self, kind: str, key: str) -> bool:
-        return hmac.compare_digest(self._keys[kind].encode(), key.encode())
+        return kind in self._keys and hmac.compare_digest(self._keys[kind].encode(), key.encode())
 
     def check(self, kind: str, authorization: str | None) -> None:
         """Raise ``UnauthorizedError``/``ForbiddenError`` unless ``authorization`` carries a valid ``kind`` key."""
@@ -62,7 +81,10 @@ class TokenStore:
         raise UnauthorizedError(FAILED)
 
     def rotate(self, kind: str, authorization: str | None) -> None:
-        """Give ``kind`` a new key and expiry (needs the API key), and rewrite the key file."""
+        """Give ``kind`` a new key and expiry (needs the API key), and rewrite the key file. Refused (405) when the
+        keys are supplied: a new key on one replica would leave the others on the old one."""
+        if self.supplied is not None:
+            raise MethodNotAllowedError(ROTATION_OFF)
         if kind not in KINDS:
             raise BadRequestError("Parameter type must be management or inference")
         self.check("API", authorization)
@@ -71,7 +93,9 @@ class TokenStore:
         self._write()
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the key file the server wrote; supplied keys' files are the operator's and stay."""
+        if self.supplied is None:
+            self.path.unlink(missing_ok=True)
 
 
 def _bearer(authorization: str | None) -> str | None:

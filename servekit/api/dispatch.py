@@ -12,6 +12,7 @@ connection's disconnect hooks, ``servekit.api.http``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,10 +24,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
-from servekit.api.http import disconnect_hooks, new_request_id
+from servekit.api.http import Hooks, disconnect_hooks, new_request_id
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
+from servekit.protocol import Response as WorkerResponse
 from servekit.registry import Model
 
 if TYPE_CHECKING:
@@ -36,6 +38,12 @@ logger = logging.getLogger("servekit.inference")
 MAX_FORM_ITEMS = 1000  # fields, and files, in one form
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's, not a handler's
+# TorchServe's caching headers, which replace any of them a handler sets (docs/migration.md, "Responses")
+NO_CACHE = {
+    "cache-control": "no-cache; no-store, must-revalidate, private",
+    "pragma": "no-cache",
+    "expires": "Thu, 01 Jan 1970 00:00:00 UTC",
+}
 PREDICTION_HEADERS: Mapping[str, str] = {
     "url_path": "",
     "explain": "False",
@@ -195,6 +203,44 @@ def torchserve_error(exc: ServekitError, headers: dict[str, str]) -> Response:
     return error_response(exc.status_code, type(exc).__name__, exc.message, headers)
 
 
+async def submit(
+    model: Model,
+    request_id: str,
+    read: Callable[[], Awaitable[tuple[tuple[Field, ...], float | None]]],
+    headers: dict[str, str],
+    url_version: str,
+    hooks: Hooks | None = None,
+) -> WorkerResponse:
+    """Read a request's inputs and queueing budget (``read``), queue them for ``model`` with ``headers`` (what the
+    handler sees) and return the worker's answer: the path every inference request takes, over HTTP
+    (``run_request``) or gRPC (``servekit.grpc.inference``). Counts and times it; logs a failure once with its
+    request id, then raises it. A caller that is cancelled while it waits (a gRPC client that went away) is counted
+    as a 499 and its request dropped from the queue."""
+    start = time.perf_counter()
+    status = 500
+    queued_from: float | None = None  # when it was queued, once a worker answered it
+    try:
+        fields, timeout_s = await read()
+        arrival = time.perf_counter()
+        result = await model.infer(WorkerRequest(request_id, headers, fields), timeout_s, hooks)
+        status, queued_from = result.status, arrival
+        return result
+    except ServekitError as exc:
+        status = exc.status_code
+        if not exc.logged:
+            level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.WARNING
+            extra = {"request_id": request_id, "model": model.name}
+            logger.log(level, "request %s to model %s: %d %s", request_id, model.name, status, exc.message, extra=extra)
+        raise
+    except asyncio.CancelledError:
+        status = ClientDisconnectedError.status_code
+        raise
+    finally:
+        sent = model.pool.sent.pop(request_id, None)  # when its batch went to a worker, if it went
+        queued_s = None if queued_from is None or sent is None else max(0.0, sent - queued_from)
+        model.metrics.request(url_version, status, time.perf_counter() - start, queued_s)
+
+
 async def run_request(
     model: Model,
     scope: Scope,
@@ -209,31 +255,25 @@ async def run_request(
     ``explain`` by default). Counts and times it, logs a failure once with its request id, and sends
     ``x-request-id``."""
     request_id = new_request_id()
-    start = time.perf_counter()
-    status = 500
     try:
-        fields, timeout_s = await read()
         worker_headers = {**headers, **route_headers}
-        result = await model.infer(
-            WorkerRequest(request_id, worker_headers, fields), timeout_s, disconnect_hooks(scope)
-        )
-        status = result.status
+        result = await submit(model, request_id, read, worker_headers, url_version, disconnect_hooks(scope))
     except ServekitError as exc:
-        status = exc.status_code
-        if not exc.logged:
-            level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.WARNING
-            extra = {"request_id": request_id, "model": model.name}
-            logger.log(level, "request %s to model %s: %d %s", request_id, model.name, status, exc.message, extra=extra)
         return render_error(exc, {**exc.headers, "x-request-id": request_id})
-    finally:
-        model.metrics.request(url_version, status, time.perf_counter() - start)
     out_headers = {k: v for k, v in result.headers.items() if k.lower() not in FRAMING_HEADERS}
+    if any(k.lower() in NO_CACHE for k in out_headers):  # TorchServe sends its own values instead of the handler's
+        out_headers = {k: v for k, v in out_headers.items() if k.lower() not in NO_CACHE} | NO_CACHE
     if result.content_type is not None:  # as the handler set it: a media_type would get "; charset=utf-8" added
         out_headers["content-type"] = result.content_type
     out_headers["x-request-id"] = request_id
+    response: Response
     if result.more is not None:  # streamed: the first chunk now, the rest as the worker sends them
-        return StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers)
-    return Response(result.payload, result.status, out_headers)
+        response = StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers)
+    else:
+        response = Response(result.payload, result.status, out_headers)
+    # TorchServe's status line has the handler's phrase, or none ("HTTP/1.1 200 "): read by servekit.api.http
+    response.reason_phrase = result.reason or ""  # type: ignore[attr-defined]
+    return response
 
 
 async def _chunks(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -276,7 +276,8 @@ class HttpProtocol(HttpToolsProtocol):
         """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
         connection without the last chunk, so the client sees the response was cut short."""
         headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
-        if not self._write_head(exchange, response.status_code, [*headers, (b"transfer-encoding", b"chunked")]):
+        chunked = [*headers, (b"transfer-encoding", b"chunked")]
+        if not self._write_head(exchange, response.status_code, chunked, reason=reason_of(response)):
             return
         try:
             async for chunk in response.body_iterator:
@@ -298,7 +299,8 @@ class HttpProtocol(HttpToolsProtocol):
     def _answer(self, exchange: _Exchange, response: Response) -> None:
         """Write the whole response at once, then let the next request in (as uvicorn does after a response)."""
         exchange.response_complete = True
-        if self._write_head(exchange, response.status_code, response.raw_headers, response.body):
+        reason = reason_of(response)
+        if self._write_head(exchange, response.status_code, response.raw_headers, response.body, reason=reason):
             self._finish(exchange)
 
     def send_400_response(self, msg: str) -> None:
@@ -337,6 +339,7 @@ class HttpProtocol(HttpToolsProtocol):
         headers: list[tuple[bytes, bytes]],
         body: bytes | memoryview = b"",
         checked: bool = False,
+        reason: str | None = None,
     ) -> bool:
         """Write the status line and headers (and ``body``, in the same write); ``False`` if the client is gone.
         Headers are checked for what HTTP forbids in them unless ``checked`` (headers of our own)."""
@@ -346,7 +349,16 @@ class HttpProtocol(HttpToolsProtocol):
         if not checked and any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
             logger.error("a response header is not valid HTTP; answering 500 instead")
             status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
-        content: list[bytes | memoryview] = [STATUS_LINE[status]]
+        line = STATUS_LINE[status]
+        if reason is not None:  # a handler's phrase (TorchServe sends it, or none), checked as a header value
+            phrase = reason.encode("latin-1", "replace")
+            if HEADER_VALUE_RE.search(phrase):
+                logger.error("a handler's reason phrase is not valid HTTP; answering 500 instead")
+                status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
+                line = STATUS_LINE[500]
+            else:
+                line = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+        content: list[bytes | memoryview] = [line]
         for name, value in headers:
             content += [name, b": ", value, b"\r\n"]
         if not exchange.keep_alive:
@@ -363,6 +375,11 @@ class HttpProtocol(HttpToolsProtocol):
         if not exchange.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+def reason_of(response: Response) -> str | None:
+    """The reason phrase a handler's answer carries (``servekit.api.dispatch.HandlerResponse``), else ``None``."""
+    return getattr(response, "reason_phrase", None)
 
 
 def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRoute | None = None) -> type[HttpProtocol]:

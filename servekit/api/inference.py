@@ -30,7 +30,7 @@ from servekit.api.dispatch import (
 )
 from servekit.api.errors import error_response, install_error_handlers
 from servekit.api.http import Raw, new_request_id
-from servekit.api.v2 import create_v2_router
+from servekit.api.v2 import create_v2_router, infer_tensors, predict_instances
 from servekit.errors import BadRequestError, RequestTooLargeError, ServekitError, error_body
 from servekit.metrics import Metrics
 from servekit.protocol import Field
@@ -41,6 +41,16 @@ PREFIX = "/predictions/"
 V2_PREFIX = "/v2/models/"
 V1_PREFIX = "/v1/models/"
 OPEN_PATHS = ("/ping", "/api-description", "/docs", "/v2/health/live", "/v2/health/ready")
+MODEL_ROUTES = (  # a model's inference routes besides /predictions (whose OPTIONS routes are declared apart)
+    "/explanations/{model_name}",
+    "/explanations/{model_name}/{version}",
+    "/v1/models/{model_name}:predict",
+    "/v1/models/{model_name}:explain",
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/explain",
+    "/v2/models/{model_name}/versions/{version}/infer",
+    "/v2/models/{model_name}/versions/{version}/explain",
+)
 logger = logging.getLogger("servekit.inference")
 
 
@@ -92,30 +102,54 @@ def model_api(name: str) -> dict[str, Any]:
 
 
 class Predictions:
-    """``/predictions/{model}[/{version}]``: answered by the HTTP protocol directly (``servekit.api.http``), with
-    its token check, counting and access log here, skipping FastAPI's routing, dependency solving and middleware
-    and ASGI's messages (they cost about 40 % of the front end's time per request; see benchmarks/RESULTS.md).
-    The few requests the protocol leaves to ASGI (pipelined ones, ``Expect: 100-continue``) reach ``answer``
-    through FastAPI routes."""
+    """``/predictions/{model}[/{version}]``, and without an envelope v2 ``infer`` and v1 ``:predict``: answered by
+    the HTTP protocol directly (``servekit.api.http``), with their token check, counting and access log here,
+    skipping FastAPI's routing, dependency solving and middleware and ASGI's messages (they cost about 40 % of the
+    front end's time per request; see benchmarks/RESULTS.md). The few requests the protocol leaves to ASGI
+    (pipelined ones, ``Expect: 100-continue``) reach the same code through FastAPI routes."""
 
     def __init__(self, registry: ModelRegistry, tokens: TokenStore | None, access: AccessLog) -> None:
         self.registry = registry
         self.tokens = tokens
         self.access = access
         self.limit = registry.settings.max_request_size
+        self.enveloped = registry.settings.service_envelope is not None
         self._refusals: dict[tuple[str, bool], bytes] = {}  # error bodies by message and protocol
 
     def matches(self, method: str, path: str) -> bool:
-        if not path.startswith(PREFIX) or method not in ANY_METHOD:
+        if path.startswith(PREFIX):
+            parts = path[len(PREFIX) :].split("/")
+            return method in ANY_METHOD and 1 <= len(parts) <= 2 and all(parts)
+        if self.enveloped:  # the envelope's routes go through the handler: FastAPI's routes serve them
             return False
-        parts = path[len(PREFIX) :].split("/")
-        return 1 <= len(parts) <= 2 and all(parts)
+        target = inference_target(method, path)  # v2 infer, v1 predict
+        return target is not None and bool(target[0]) and "/" not in target[0] and "/" not in target[1]
 
     async def __call__(self, scope: dict[str, Any], body: bytes) -> Response:
         start = time.perf_counter()
-        response = await self.answer(scope, body)
+        if scope["path"].startswith(PREFIX):
+            response = await self.answer(scope, body)
+        else:
+            response = await self.answer_tensors(scope, body)
         self.access.done(scope, response.status_code, start)
         return response
+
+    async def answer_tensors(self, scope: Scope, body: bytes) -> Response:
+        """Serve v2 ``infer`` or v1 ``:predict`` (no envelope) as ``servekit.api.v2`` does through FastAPI."""
+        name, version, _ = inference_target(scope["method"], scope["path"]) or ("", "", True)
+        headers = header_map(scope)
+        try:
+            if self.tokens is not None:
+                self.tokens.check("inference", headers.get("authorization"))
+        except ServekitError as exc:
+            return error_response(exc.status_code, type(exc).__name__, exc.message, _with_id(exc.headers))
+
+        async def given() -> bytes:
+            return body
+
+        if scope["path"].startswith(V2_PREFIX):
+            return await infer_tensors(self.registry, scope, headers, name, version or None, given)
+        return await predict_instances(self.registry, scope, headers, name, given)
 
     def refuse(self, scope: dict[str, Any]) -> Raw | None:
         """The 503 for a request that cannot be queued now (queue full, no worker, unregistering), decided from its
@@ -159,6 +193,8 @@ class Predictions:
         the request has an id)."""
         exc = RequestTooLargeError(size, self.limit)
         self.access.done(scope, exc.status_code, time.perf_counter())
+        if not scope["path"].startswith(PREFIX):  # v2, v1: the protocol's error body
+            return JSONResponse({"error": exc.message}, exc.status_code, exc.headers)
         return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
 
     async def answer(self, scope: Scope, body: bytes, route: Route | None = None) -> Response:
@@ -219,6 +255,8 @@ def create_inference_app(
             return JSONResponse({"status": "Healthy"})
         return JSONResponse({"status": "Unhealthy"}, status_code=500)
 
+    app.add_api_route("/ping", ping, methods=["OPTIONS"], include_in_schema=False)  # TorchServe: any method
+
     @app.api_route("/predictions/{model_name}", methods=ANY_METHOD)
     async def predict_default(model_name: str, request: Request) -> Response:
         return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
@@ -228,6 +266,7 @@ def create_inference_app(
         return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
 
     @app.options("/", include_in_schema=False)
+    @app.options("/api-description", include_in_schema=False)  # TorchServe: any method
     async def describe_api() -> Response:
         return JSONResponse(app.openapi())
 
@@ -247,6 +286,15 @@ def create_inference_app(
     @app.options("/predictions/{model_name}/{version}", include_in_schema=False)
     async def options_version(model_name: str, version: str, request: Request) -> Response:
         return await routed(request, Route(model_name, version))
+
+    async def options_model(request: Request) -> Response:
+        """``OPTIONS`` on a model's other inference routes: its description, as TorchServe answers (a browser's CORS
+        preflight of a ``POST`` there gets a 200)."""
+        params = request.path_params
+        return await routed(request, Route(params["model_name"], params.get("version", "")))
+
+    for path in MODEL_ROUTES:
+        app.add_api_route(path, options_model, methods=["OPTIONS"], include_in_schema=False)
 
     @app.api_route("/invocations", methods=methods)
     async def sagemaker_invocations(request: Request) -> Response:

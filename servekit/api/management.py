@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -15,14 +16,25 @@ from starlette.responses import JSONResponse
 
 from servekit.api import lenient
 from servekit.api.auth import TokenAuth, TokenStore
+from servekit.api.dispatch import FRAMING_HEADERS, header_map
 from servekit.api.errors import install_error_handlers
+from servekit.api.http import new_request_id
 from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
+from servekit.config import Settings
 from servekit.download import download, is_remote
-from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError, ServekitError
+from servekit.errors import (
+    ArchiveNotFoundError,
+    BadRequestError,
+    MethodNotAllowedError,
+    ServekitError,
+    WorkerStartError,
+)
+from servekit.protocol import Request as WorkerRequest
 from servekit.registry import Model, ModelRegistry, registration_workers
 
 PROCESSING = {"status": "Processing worker updates..."}
 API_DESCRIPTION = "/api-description"
+MODEL_PATHS = ("/models/{name}", "/models/{name}/{version}", "/models/{name}/{version}/set-default")
 
 
 def documented(*names: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -67,6 +79,25 @@ def describe(model: Model) -> dict[str, Any]:
             "pendingRequests": model.batcher.depth,
         },
     }
+
+
+def customized_metadata(payload: bytes) -> dict[str, Any]:
+    """What the handler's ``describe_handle`` answered, as TorchServe reads and writes it again (Gson): a JSON object,
+    or the JSON text of one, read leniently, without its members whose value is ``null`` (at any depth; ``null`` in
+    a list stays); anything else (a plain string, ``None``, a list, a number) as ``{}``."""
+    try:
+        value = lenient.loads(payload.decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return {}
+    return without_nulls(value) if isinstance(value, dict) else {}
+
+
+def without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def int_param(params: dict[str, Any], name: str, default: int | None = None, minimum: int = 0) -> int | None:
@@ -123,14 +154,111 @@ def local_archive(url: str, store: Path) -> Path:
     return resolved
 
 
+def model_page(registry: ModelRegistry, size: int, start: int) -> dict[str, Any]:
+    """A page of the model list (REST's ``GET /models``, gRPC's ``ListModels``): the default version of ``size``
+    models by name from the ``start``-th, and the next page's token when more follow."""
+    models = registry.defaults()
+    page = [{"modelName": m.name, "modelUrl": m.url} for m in models[start : start + size]]
+    if start + size < len(models):
+        return {"nextPageToken": str(start + size), "models": page}
+    return {"models": page}
+
+
+def check_model_api(settings: Settings) -> None:
+    """Raise ``MethodNotAllowedError`` unless registering and unregistering models is on (``enable_model_api``)."""
+    if not settings.enable_model_api:
+        raise MethodNotAllowedError("Model API is disabled: start servekit with --enable-model-api")
+
+
+async def load_spec(settings: Settings, params: Mapping[str, Any]) -> tuple[ModelSpec, str, Path | None]:
+    """Open the archive a registration names (``url``; ``model_name``, ``handler``, ``runtime`` override its
+    manifest): its spec, the url, and the file downloaded for it if it was remote."""
+    url = params.get("url")
+    if url is None:
+        raise BadRequestError("Parameter url is required.")
+    if not isinstance(url, str) or not url.strip():
+        raise BadRequestError("Parameter url is empty.")
+    if settings.model_store is None:
+        raise BadRequestError("Model store has not been configured.")
+    runtime = params.get("runtime")
+    if runtime is not None and runtime not in ("python", "python3"):
+        raise BadRequestError(f"Parameter runtime must be python or python3, got {runtime!r}")
+    downloaded = None
+    if is_remote(url):
+        downloaded = await download(url, settings.model_store, settings)
+        path = downloaded
+    else:
+        path = local_archive(url, settings.model_store)
+        if not path.exists():
+            raise ArchiveNotFoundError(f"Model not found at: {url}")
+    try:
+        spec = await asyncio.to_thread(open_archive, path, params.get("model_name") or None)
+    except BaseException:
+        if downloaded is not None:
+            downloaded.unlink(missing_ok=True)
+        raise
+    model_section = spec.manifest["model"]
+    if params.get("handler"):
+        model_section["handler"] = str(params["handler"])
+    if runtime is not None:
+        spec.manifest["runtime"] = runtime
+    return spec, url, downloaded
+
+
+async def register_model(
+    registry: ModelRegistry, params: Mapping[str, Any], overrides: Mapping[str, int | None], synchronous: bool
+) -> tuple[int, str]:
+    """Register the model of ``params`` (see ``load_spec``) with the ``overrides`` of its settings: REST's
+    ``POST /models`` and gRPC's ``RegisterModel``. Returns TorchServe's status code and message."""
+    check_model_api(registry.settings)
+    spec, url, downloaded = await load_spec(registry.settings, params)
+    try:
+        model = await registry.register(
+            spec,
+            url,
+            overrides,
+            synchronous=synchronous,
+            downloaded=downloaded,
+            default_workers=registration_workers(registry.settings),
+            keep_failed=True,
+        )
+    except WorkerStartError:
+        raise  # registered all the same, with no workers: its files stay
+    except BaseException:
+        spec.remove_staging()
+        if downloaded is not None:
+            downloaded.unlink(missing_ok=True)
+        raise
+    n = model.settings.min_workers
+    message = f'Model "{model.name}" Version: {model.version} registered with {n} initial workers'
+    if n == 0:  # 200 even with synchronous=false, as TorchServe: there is nothing to wait for
+        return 200, message + ". Use scale workers API to add workers for the model."
+    if not synchronous:
+        return 202, PROCESSING["status"]
+    return 200, message
+
+
 def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:
     app = FastAPI(title="servekit management API", openapi_url=API_DESCRIPTION, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     settings = registry.settings
 
     @app.options("/", include_in_schema=False)
+    @app.options("/api-description", include_in_schema=False)  # TorchServe: any method
     async def describe_api() -> JSONResponse:
         return JSONResponse(app.openapi())
+
+    @app.options("/models/{name}", include_in_schema=False)
+    @app.options("/models/{name}/{version}", include_in_schema=False)
+    @app.options("/models/{name}/{version}/set-default", include_in_schema=False)
+    async def describe_model_api(request: Request) -> JSONResponse:
+        """The description of a model's management routes, as TorchServe answers ``OPTIONS`` there (so a browser's
+        CORS preflight of a scale or an unregister gets a 200); 404 for an unknown model or version."""
+        model = registry.get(request.path_params["name"], request.path_params.get("version"))
+        spec = app.openapi()
+        paths = {path: spec["paths"][path] for path in MODEL_PATHS if path in spec["paths"]}
+        info = {"title": f"RESTful Management API for: {model.name}", "version": spec["info"]["version"]}
+        return JSONResponse({"openapi": spec["openapi"], "info": info, "paths": paths})
 
     if tokens is not None:
         app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION, "/docs"))
@@ -142,54 +270,14 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
             return JSONResponse({"status": f"{request.query_params['type']} key rotated; see {tokens.path.name}"})
 
     def require_model_api() -> None:
-        if not settings.enable_model_api:
-            raise MethodNotAllowedError("Model API is disabled: start servekit with --enable-model-api")
-
-    async def load_spec(params: dict[str, Any]) -> tuple[ModelSpec, str, Path | None]:
-        url = params.get("url")
-        if url is None:
-            raise BadRequestError("Parameter url is required.")
-        if not isinstance(url, str) or not url.strip():
-            raise BadRequestError("Parameter url is empty.")
-        if settings.model_store is None:
-            raise BadRequestError("Model store has not been configured.")
-        runtime = params.get("runtime")
-        if runtime is not None and runtime not in ("python", "python3"):
-            raise BadRequestError(f"Parameter runtime must be python or python3, got {runtime!r}")
-        downloaded = None
-        if is_remote(url):
-            downloaded = await download(
-                url, settings.model_store, settings.allowed_urls, settings.max_download_size, settings.download_timeout
-            )
-            path = downloaded
-        else:
-            path = local_archive(url, settings.model_store)
-            if not path.exists():
-                raise ArchiveNotFoundError(f"Model not found at: {url}")
-        try:
-            spec = await asyncio.to_thread(open_archive, path, params.get("model_name") or None)
-        except BaseException:
-            if downloaded is not None:
-                downloaded.unlink(missing_ok=True)
-            raise
-        model_section = spec.manifest["model"]
-        if params.get("handler"):
-            model_section["handler"] = str(params["handler"])
-        if runtime is not None:
-            spec.manifest["runtime"] = runtime
-        return spec, url, downloaded
+        check_model_api(settings)
 
     @app.get("/models")
     async def list_models(limit: str = "100", next_page_token: str = "0") -> JSONResponse:
         # TorchServe's rules: a bad or out-of-range limit means 100, a bad token means the first page
         size = int(limit) if limit.isascii() and limit.isdigit() and 0 < int(limit) <= 100 else 100
         start = int(next_page_token) if next_page_token.isascii() and next_page_token.isdigit() else 0
-        models = registry.defaults()
-        page = [{"modelName": m.name, "modelUrl": m.url} for m in models[start : start + size]]
-        body: dict[str, Any] = {"models": page}
-        if start + size < len(models):
-            body = {"nextPageToken": str(start + size), **body}
-        return JSONResponse(body)
+        return JSONResponse(model_page(registry, size, start))
 
     register_params = documented(
         "url",
@@ -216,37 +304,32 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
             "startup_timeout": int_param(params, "startup_timeout", minimum=1),
         }
         synchronous = bool_param(params, "synchronous", True)
-        spec, url, downloaded = await load_spec(params)
-        try:
-            model = await registry.register(
-                spec,
-                url,
-                overrides,
-                synchronous=synchronous,
-                downloaded=downloaded,
-                default_workers=registration_workers(settings),
-            )
-        except BaseException:
-            spec.remove_staging()
-            if downloaded is not None:
-                downloaded.unlink(missing_ok=True)
-            raise
-        n = model.settings.min_workers
-        message = f'Model "{model.name}" Version: {model.version} registered with {n} initial workers'
-        if n == 0:  # 200 even with synchronous=false, as TorchServe: there is nothing to wait for
-            return JSONResponse({"status": message + ". Use scale workers API to add workers for the model."})
-        if not synchronous:
-            return JSONResponse(PROCESSING, status_code=202)
-        return JSONResponse({"status": message})
+        status, message = await register_model(registry, params, overrides, synchronous)
+        return JSONResponse({"status": message}, status_code=status)
 
-    @app.get("/models/{name}")
-    async def describe_default(name: str) -> JSONResponse:
-        return JSONResponse([describe(registry.get(name))])
+    @app.get("/models/{name}", openapi_extra=documented("customized"))
+    async def describe_default(name: str, request: Request) -> JSONResponse:
+        return await describe_one(registry.get(name), request)
 
-    @app.get("/models/{name}/{version}")
-    async def describe_version(name: str, version: str) -> JSONResponse:
-        models = registry.versions(name) if version == "all" else [registry.get(name, version)]
-        return JSONResponse([describe(m) for m in models])
+    @app.get("/models/{name}/{version}", openapi_extra=documented("customized"))
+    async def describe_version(name: str, version: str, request: Request) -> JSONResponse:
+        if version == "all":  # never customized, as in TorchServe
+            return JSONResponse([describe(m) for m in registry.versions(name)])
+        return await describe_one(registry.get(name, version), request)
+
+    async def describe_one(model: Model, request: Request) -> JSONResponse:
+        """The describe answer; with ``customized=true``, TorchServe's: the handler's ``describe_handle`` result
+        as ``customizedMetadata``, and the handler's status and headers (503 while the model has no worker)."""
+        if not bool_param(dict(request.query_params), "customized", False):
+            return JSONResponse([describe(model)])
+        request_id = new_request_id()
+        answer = await registry.describe_handle(model, WorkerRequest(request_id, header_map(request.scope), ()))
+        entry = describe(model)
+        if answer.payload.strip():
+            entry["customizedMetadata"] = customized_metadata(answer.payload)
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in FRAMING_HEADERS}
+        headers |= {"content-type": answer.content_type or "application/json", "x-request-id": request_id}
+        return JSONResponse([entry], answer.status, headers)
 
     scale_params = documented("min_worker", "max_worker", "synchronous", "model_version")
 
@@ -312,7 +395,7 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
             entry = store_entries().get(name)
             if entry is None:
                 raise ArchiveNotFoundError(f"Model {name} is not in the model store")
-            spec, url, downloaded = await load_spec({"url": entry, "model_name": name})
+            spec, url, downloaded = await load_spec(settings, {"url": entry, "model_name": name})
             try:
                 await registry.register(spec, url, {}, downloaded=downloaded)
             except BaseException:

@@ -11,11 +11,14 @@ v1: ``/v1/models``, ``/v1/models/{m}``, ``POST /v1/models/{m}:predict`` with ``{
 
 from __future__ import annotations
 
-import json
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Scope
 
 from servekit.api.dispatch import (
     PREDICTION_HEADERS,
@@ -26,9 +29,20 @@ from servekit.api.dispatch import (
     run_request,
     torchserve_error,
 )
+from servekit.api.http import new_request_id
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
-from servekit.oip import HEADER_LENGTH, V2_CONTENT_TYPE, InferRequest, parse_request, to_worker, validate
+from servekit.oip import (
+    HEADER_LENGTH,
+    V2_CONTENT_TYPE,
+    InferRequest,
+    flatten,
+    loads,
+    make_tensor,
+    parse_request,
+    to_worker,
+    validate,
+)
 from servekit.protocol import Field
 from servekit.registry import Model, ModelRegistry
 
@@ -40,8 +54,8 @@ def v2_error(exc: ServekitError, headers: dict[str, str]) -> Response:
     return JSONResponse({"error": exc.message}, exc.status_code, headers)
 
 
-def header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def header_length(headers: dict[str, str]) -> int | None:
+    value = headers.get(HEADER_LENGTH)
     if value is None:
         return None
     if not (value.isascii() and value.isdigit()):
@@ -62,7 +76,7 @@ def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
 def instances_request(model: Model, body: bytes) -> InferRequest:
     """A KServe v1 ``{"instances": [...]}`` body as a v2 request on the model's first input."""
     try:
-        document = json.loads(body)
+        document = loads(body)
     except (ValueError, RecursionError) as exc:
         raise BadRequestError(f"Invalid JSON: {str(exc)[:200]}") from None
     instances = document.get("instances") if isinstance(document, dict) else None
@@ -74,10 +88,9 @@ def instances_request(model: Model, body: bytes) -> InferRequest:
         shape.append(len(level))
         level = level[0] if level else None
     spec = model.inputs[0] if model.inputs else None
-    datatype = spec.datatype if spec else "FP32"
-    v2_body = {"inputs": [{"name": spec.name if spec else "INPUT__0", "datatype": datatype, "shape": shape,
-                           "data": instances}]}  # fmt: skip
-    return parse_request(json.dumps(v2_body).encode(), None)
+    tensor = make_tensor(spec.name if spec else "INPUT__0", spec.datatype if spec else "FP32", shape,
+                         values=flatten(instances))  # fmt: skip
+    return InferRequest(None, (tensor,), (), False, None)
 
 
 def create_v2_router(registry: ModelRegistry) -> APIRouter:
@@ -170,18 +183,9 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
     async def infer(name: str, version: str | None, request: Request) -> Response:
         if enveloped:
             return await through_handler(name, version, request, explain=False)
-        try:
-            model = lookup(name, version)
-        except ServekitError as exc:
-            return v2_error(exc, {})
-
-        async def read() -> tuple[tuple[Field, ...], float | None]:
-            parsed = parse_request(await read_body(request.receive, headers, limit), header_length(request))
-            validate(parsed, model.inputs, model.outputs)
-            return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), parsed.timeout_s
-
         headers = header_map(request.scope)
-        return await run_request(model, request.scope, headers, read, version or "default", v2_error)
+        body = functools.partial(read_body, request.receive, headers, limit)
+        return await infer_tensors(registry, request.scope, headers, name, version, body)
 
     @router.get("/v1/models")
     async def v1_models() -> JSONResponse:
@@ -199,24 +203,57 @@ def create_v2_router(registry: ModelRegistry) -> APIRouter:
     async def v1_predict(name: str, request: Request) -> Response:
         if enveloped:
             return await through_handler(name, None, request, explain=False)
-        try:
-            model = lookup(name, None)
-        except ServekitError as exc:
-            return v2_error(exc, {})
-
-        async def read() -> tuple[tuple[Field, ...], float | None]:
-            parsed = instances_request(model, await read_body(request.receive, headers, limit))
-            validate(parsed, model.inputs, model.outputs)
-            return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), None
-
         headers = header_map(request.scope)
-        response = await run_request(model, request.scope, headers, read, "default", v2_error)
-        if response.status_code != 200:
-            return response
-        return JSONResponse({"predictions": predictions(json.loads(bytes(response.body)))}, headers={
-            "x-request-id": response.headers["x-request-id"]})  # fmt: skip
+        body = functools.partial(read_body, request.receive, headers, limit)
+        return await predict_instances(registry, request.scope, headers, name, body)
 
     return router
+
+
+async def infer_tensors(
+    registry: ModelRegistry,
+    scope: Scope,
+    headers: dict[str, str],
+    name: str,
+    version: str | None,
+    body: Callable[[], Awaitable[bytes]],
+) -> Response:
+    """``POST /v2/models/{m}[/versions/{v}]/infer`` without an envelope: the tensors are parsed and checked against
+    the model's metadata, then queued; ``body`` reads the body once the model is known. Served by the HTTP protocol
+    directly (``servekit.api.inference.Predictions``), or by the route above for the requests it leaves to ASGI."""
+    try:
+        model = registry.get(name, version or None)
+    except ServekitError as exc:
+        return v2_error(exc, {"x-request-id": new_request_id()})  # as every answer has
+
+    async def read() -> tuple[tuple[Field, ...], float | None]:
+        parsed = parse_request(await body(), header_length(headers))
+        validate(parsed, model.inputs, model.outputs)
+        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), parsed.timeout_s
+
+    return await run_request(model, scope, headers, read, version or "default", v2_error)
+
+
+async def predict_instances(
+    registry: ModelRegistry, scope: Scope, headers: dict[str, str], name: str, body: Callable[[], Awaitable[bytes]]
+) -> Response:
+    """``POST /v1/models/{m}:predict`` without an envelope (KServe v1): the instances as the model's first input,
+    the first output as ``predictions``. Served as ``infer_tensors`` is."""
+    try:
+        model = registry.get(name, None)
+    except ServekitError as exc:
+        return v2_error(exc, {"x-request-id": new_request_id()})  # as every answer has
+
+    async def read() -> tuple[tuple[Field, ...], float | None]:
+        parsed = instances_request(model, await body())
+        validate(parsed, model.inputs, model.outputs)
+        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), None
+
+    response = await run_request(model, scope, headers, read, "default", v2_error)
+    if response.status_code != 200:
+        return response
+    answer = orjson.dumps({"predictions": predictions(loads(bytes(response.body)))})
+    return Response(answer, headers={"x-request-id": response.headers["x-request-id"]}, media_type="application/json")
 
 
 def predictions(v2_response: dict[str, Any]) -> list[Any]:

@@ -177,6 +177,50 @@ class Slow:
         return ["slept" for _ in data]
 """
 
+# describe_handle answers what the request's x-kind header asks for (GET /models/described?customized=true).
+DESCRIBED = """
+import json
+
+from ts.torch_handler.base_handler import BaseHandler
+
+VALUES = {
+    "dict": {"kind": "dict", "nested": {"n": [1, None]}},
+    "jsontext": json.dumps({"kind": "jsontext"}),
+    "bytes": b'{"kind": "bytes"}',
+    "text": "plain text",
+    "none": None,
+    "list": [1, 2],
+    "empty": "",
+    "nulls": {"kind": "nulls", "gone": None, "inner": {"gone": None, "kept": [None]}},
+}
+
+
+class Described(BaseHandler):
+    def initialize(self, context):
+        self.manifest = context.manifest
+        self.initialized = True
+
+    def describe_handle(self):
+        kind = self.context.get_request_header(0, "x-kind") or "dict"
+        if kind == "raise":
+            raise RuntimeError("cannot describe")
+        if kind == "status":
+            self.context.set_response_status(299, "Described")
+            self.context.set_response_content_type(0, "application/x-described")
+            self.context.set_response_header(0, "X-Described", "yes")
+            return {"kind": "status"}
+        return VALUES[kind]
+"""
+
+# A function handler asked to describe: what it is given.
+DESCRIBE_FN = """
+def handle(data, context):
+    if data is None:
+        return None
+    probes = ("describe", "x-probe", "explain", "url_path")
+    return [{"data": repr(data), "headers": {name: context.get_request_header(0, name) for name in probes}}]
+"""
+
 MNIST_MODEL = """
 import torch
 from torch import nn
@@ -249,6 +293,8 @@ SPECS = (
     Spec("batchfail", BATCH_FAIL, ONE_WORKER + "batchSize: 2\nmaxBatchDelay: 1000\n"),
     Spec("raises", RAISES),
     Spec("slow", SLOW),
+    Spec("described", DESCRIBED),
+    Spec("describefn", DESCRIBE_FN),
     Spec("mnist", MNIST_HANDLER, model="eager"),
     Spec("mnist_ts", MNIST_HANDLER, model="torchscript"),
     # registered by the cases, not at startup; no YAML, so the registration decides the workers

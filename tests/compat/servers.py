@@ -77,10 +77,13 @@ def free_ports(count: int) -> list[int]:
 
 
 def write_properties(path: Path, ports: Sequence[int], keys: Mapping[str, str]) -> Path:
+    """The three REST addresses and the two gRPC ports (each server its own: both serve gRPC by default), then
+    ``keys``."""
     lines = [
         f"{api}_address=http://127.0.0.1:{port}"
-        for api, port in zip(("inference", "management", "metrics"), ports, strict=True)
+        for api, port in zip(("inference", "management", "metrics"), ports[:3], strict=True)
     ]
+    lines += [f"grpc_{api}_port={port}" for api, port in zip(("inference", "management"), ports[3:], strict=True)]
     path.write_text("\n".join([*lines, *(f"{k}={v}" for k, v in keys.items())]) + "\n")
     return path
 
@@ -89,7 +92,7 @@ def start(
     name: str, workdir: Path, store: Path, models: Sequence[str], keys: Mapping[str, str]
 ) -> tuple[subprocess.Popen[bytes], Endpoint]:
     workdir.mkdir(parents=True)
-    ports = free_ports(3)
+    ports = free_ports(5)
     config = write_properties(workdir / "config.properties", ports, keys)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     # TMPDIR: the pid file; TEMP: TorchServe's java.io.tmpdir (worker sockets, extracted archives)
@@ -107,7 +110,7 @@ def start(
         process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports)
+    inference, management, metrics = (f"http://127.0.0.1:{p}" for p in ports[:3])
     return process, Endpoint(name, inference, management, metrics, log)
 
 
