@@ -1,7 +1,9 @@
 # servekit's production image: docs/deploy.md says how to run it; tests/test_deploy.py checks what this file states.
 #
 #   docker build -t servekit:0.1.0 .
-#   docker run --rm --stop-timeout 40 -p 8080:8080 -p 8082:8082 -v "$PWD/model_store:/models:ro" servekit:0.1.0
+#   docker run --rm --stop-timeout 40 -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 -v "$PWD/model_store:/models:ro" servekit:0.1.0
+#
+# podman build keeps HEALTHCHECK only with --format docker (the OCI image format has no health check).
 #
 # CUDA: the torch wheels of a CUDA index carry the CUDA runtime, so only the index changes (one that torch 2.13.0 is
 # built for; the host needs the NVIDIA driver and container toolkit; run with --gpus all):
@@ -15,12 +17,16 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from its own index (CPU by default), so that installing servekit does not pull another build
-RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+# torch first, alone, from its own index (CPU by default), so that installing servekit does not pull another build;
+# its dependencies come with servekit's, below
+RUN pip install torch==2.13.0 --no-deps --index-url "$TORCH_INDEX_URL"
 WORKDIR /src
 # the sources that .dockerignore lets into the build context
 COPY . .
-RUN pip install .
+# Every package at the version the tests ran with (constraints.txt, written by deploy/constraints.py), so that a
+# rebuild makes the same image. numpy is no dependency of servekit, but handlers expect it: TorchServe's images have
+# it, tensor.numpy() and torch.from_numpy() need it, and without it torch warns at import in every worker.
+RUN pip install --constraint constraints.txt . numpy
 
 FROM ${BASE_IMAGE}
 # tini as PID 1 passes SIGTERM on to servekit (which then drains) and reaps orphaned grandchildren of workers

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install clean compat protos
+.PHONY: serve test lint install clean compat protos constraints
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ serve: $(STAMP)
 	$(BIN)/servekit start --foreground --model-store model_store --models all --ts-config configs/config.properties
 
 lint: $(STAMP)
-	$(BIN)/ruff check servekit tests handlers benchmarks docs
-	$(BIN)/ruff format --check servekit tests handlers benchmarks docs
+	$(BIN)/ruff check servekit tests handlers benchmarks docs deploy
+	$(BIN)/ruff format --check servekit tests handlers benchmarks docs deploy
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -46,6 +46,11 @@ compat: $(STAMP)
 # what it writes. tests/test_grpc.py fails when the generated messages no longer match the .proto files.
 protos: $(STAMP)
 	$(BIN)/python servekit/grpc/protos/generate.py
+
+# constraints.txt, the versions of the image's Python packages, from this .venv (what the tests ran with); commit what
+# it writes. tests/test_deploy.py fails when the file and .venv disagree (docs/deploy.md, "Pinned versions").
+constraints: $(STAMP)
+	$(BIN)/python deploy/constraints.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache

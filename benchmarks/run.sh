@@ -8,10 +8,14 @@
 #   BENCH_PEERS=1 benchmarks/run.sh --repeats 1 --duration 3   # a quick look, not for decisions
 #   BENCH_SERVERS=servekit,torchserve,floor benchmarks/run.sh  # any list out of servekit,torchserve,litserve,floor
 #   BENCH_CELLS=w1:b8:c64,w2:b8:c64 benchmarks/run.sh          # other cells (WORKLOAD:bBATCH:cCLIENTS)
+#   BENCH_PEERS=all benchmarks/run.sh               # + MLServer, KServe, Ray Serve, BentoML: runs benchmarks/peers.sh
 #
 # Extra arguments go to `run.py compare`. Loopback only; the driver starts and stops every server by PID.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${BENCH_PEERS:-0}" = all ]; then # every peer, each in its own venv: peers.sh (same options)
+    exec "$repo/benchmarks/peers.sh" "$@"
+fi
 bench=${SHARED_BENCH:-$repo/../shared/bench}
 export BENCH_WORKDIR=${BENCH_WORKDIR:-/tmp/servekit-bench}
 [ -f "$bench/run.py" ] || { echo "ERROR: the reference harness is not at $bench (set SHARED_BENCH)" >&2; exit 2; }

@@ -148,8 +148,9 @@ names), then the server default.
 A value that is not an integer, or is below its minimum (1 for `batchSize`, the timeouts and `jobQueueSize`, 0 for the
 others), is a 400 for a registration and keeps a startup model from loading, with a message naming the key. The rest
 of the YAML is free-form and reaches the handler as `context.model_yaml_config`: `handler:` (options of the built-in
-handlers), `weightsOnly` (see [handlers.md](handlers.md#loading-weights)), and `inputs`/`outputs` (tensor metadata of
-the Open Inference Protocol, see [api.md](api.md#open-inference-protocol-kserve-v2)).
+handlers), `weightsOnly` (see [handlers.md](handlers.md#loading-weights)), `pt2` (`torch.compile` and AOTInductor, see
+[handlers.md](handlers.md#compiled-models-pt2)), and `inputs`/`outputs` (tensor metadata of the Open Inference
+Protocol, see [api.md](api.md#open-inference-protocol-kserve-v2)).
 """
 
 

@@ -199,10 +199,12 @@ class Batcher(Generic[W]):
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _take_batch(self) -> list[Pending]:
+    def _take_batch(self, limit: int | None = None) -> list[Pending]:
+        """Up to ``limit`` (by default ``batch_size``) requests from the head of the queue, skipping cancelled ones."""
         batch: list[Pending] = []
         now = time.perf_counter()
-        while self._queue and len(batch) < self.batch_size:
+        limit = self.batch_size if limit is None else limit
+        while self._queue and len(batch) < limit:
             pending = self._queue.popleft()
             if not pending.future.done():  # cancelled: the caller went away
                 batch.append(pending)

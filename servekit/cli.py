@@ -98,9 +98,16 @@ def start(args: argparse.Namespace, argv: list[str]) -> int:
     tls.server_context(settings)  # a bad key or certificate stops the start here, not in the background server's log
     supplied_keys(settings)  # and so do bad supplied token keys
     mutual_tls = settings.inference_address.scheme == "https" and settings.client_ca_file is not None
-    settings.log_location.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_location / "servekit.log"
-    with open(log_path, "ab") as log:
+    try:
+        settings.log_location.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # noqa: SIM115 (closed by the with block below)
+    except OSError as exc:
+        raise ServekitError(
+            f"cannot write the server's log {log_path.absolute()} ({exc.strerror or exc}): set LOG_LOCATION to a "
+            "writable folder, or start with --foreground (it logs to stderr)"
+        ) from None
+    with log:
         offset = log.tell()
         child = subprocess.Popen(
             [sys.executable, "-m", "servekit", *argv, "--foreground"],

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from servekit import pt2
 from servekit.context import SERVER_VERSION, Context, RequestProcessor
 from servekit.errors import HandlerError
 
@@ -78,7 +79,8 @@ class BaseHandler:
     def initialize(self, context: Context) -> None:
         """Pick the device, then load ``serializedFile``: as a state dict into the one ``nn.Module``
         class of ``modelFile`` (``torch.load(weights_only=True)`` unless the model config says
-        ``weightsOnly: false``), or else as TorchScript."""
+        ``weightsOnly: false``), else as AOTInductor's output (``.pt2``, ``.so``), else as TorchScript. Then compile
+        and warm up the model as the model config's ``pt2`` section says (``servekit.pt2``)."""
         import torch
 
         self.context = context
@@ -97,13 +99,19 @@ class BaseHandler:
         serialized = model_section.get("serializedFile")
         model_pt_path = os.path.join(model_dir, serialized) if serialized else None
         model_file = model_section.get("modelFile")
+        settings = pt2.read_settings(self.model_yaml_config)  # a malformed pt2 section fails before the weights load
+        aot = False
         if model_file:
             self.model = self._load_pickled_model(model_dir, model_file, model_pt_path)
+        elif model_pt_path and os.path.isfile(model_pt_path) and pt2.is_aot_file(model_pt_path):
+            self.model, aot = pt2.load_aot(model_pt_path, self.device), True
         elif model_pt_path and os.path.isfile(model_pt_path):
             self.model = self._load_torchscript_model(model_pt_path)
         else:
             raise RuntimeError("No model weights could be loaded")
-        self.model.eval()
+        if not aot:
+            self.model.eval()
+        self.model = pt2.prepare(self.model, settings, self.device, aot)
         mapping_file = os.path.join(model_dir, "index_to_name.json")
         if os.path.isfile(mapping_file):
             self.mapping = load_label_mapping(mapping_file)

@@ -16,7 +16,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from servekit import protocol
 from servekit.errors import ServekitError, ServiceUnavailableError
@@ -108,6 +108,21 @@ class WorkerPool:
             raise
         self._failures = 0
         return outcome
+
+    def drop(self, worker: WorkerProcess, request_ids: list[str]) -> None:
+        """Continuous batching: ask an acquired worker to drop these requests (their clients went away)."""
+        worker.send_drop(request_ids)
+
+    async def step(self, worker: WorkerProcess, running: Collection[str]) -> protocol.Step:
+        """Continuous batching: the next step of an acquired worker whose requests in flight are ``running``; if the
+        worker died, it is replaced and the error raised, as in ``collect``."""
+        try:
+            step = await worker.receive_step(running)
+        except ServekitError:
+            self._on_death(worker)
+            raise
+        self._failures = 0
+        return step
 
     def keeps(self, worker: WorkerProcess) -> bool:
         """Whether an acquired worker may take another batch before it is released (not when it retires)."""

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +231,30 @@ class WorkerProcess:
         except ProtocolError as exc:
             await self.kill()
             raise WorkerDiedError(f"Worker of model {self.command.model_name} sent a bad frame: {exc}") from None
+
+    def send_drop(self, request_ids: list[str]) -> None:
+        """Ask the worker (continuous batching) to drop these requests at its next iteration."""
+        assert self._writer is not None
+        self._writer.write(b"".join(protocol.encode_drop(request_ids)))
+
+    async def receive_step(self, running: Collection[str]) -> protocol.Step:
+        """The next step of a worker under continuous batching whose requests in flight are ``running``; raises
+        ``WorkerDiedError``/``ResponseTimeoutError`` as ``receive_batch`` does (``response_timeout`` bounds each
+        iteration), after which the worker is dead."""
+        try:
+            async with asyncio.timeout(self.settings.response_timeout):
+                header, parts = await self._receive(max(1, len(running)))
+            return protocol.decode_step(header, parts, running)
+        except TimeoutError:
+            await self.kill()
+            raise ResponseTimeoutError(
+                f"Model {self.command.model_name} did not answer within "
+                f"response_timeout={self.settings.response_timeout:g}s; its worker was restarted"
+            ) from None
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            code = await self.kill()
+            reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
+            raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
 
     async def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         assert self._writer is not None

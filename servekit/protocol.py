@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -235,6 +235,65 @@ def decode_partial(header: dict[str, Any], parts: list[memoryview], batch: int) 
         raise ProtocolError(f"partial response index out of range for a batch of {batch}")
     responses = decode_responses({"responses": [item[1:] for item in meta]}, parts, len(meta))
     return list(zip(indices, responses, strict=True))  # type: ignore[arg-type]
+
+
+def continuous_batching(model_yaml_config: dict[str, Any]) -> bool:
+    """Whether a model is served by continuous batching: its model-config YAML says ``continuousBatching: true``
+    (a YAML boolean, as TorchServe reads it: anything else is off)."""
+    return model_yaml_config.get("continuousBatching") is True
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a worker under continuous batching (``servekit.continuous``) sends: a chunk of the answer of some of its
+    requests, by request id, each saying whether it is that request's last (its answer is then complete, or an error
+    when its status is 400 or more); the ids of requests it dropped as asked (``encode_drop``); whether the frame ends
+    an iteration (else it carries chunks sent from inside one), with the iteration's handler time and metrics."""
+
+    chunks: tuple[tuple[str, Response, bool], ...]
+    dropped: tuple[str, ...] = ()
+    iteration: bool = True
+    handler_ms: float = 0.0
+    metrics: tuple[MetricRecord, ...] = ()
+
+
+def encode_drop(request_ids: Sequence[str]) -> list[bytes | bytearray | memoryview]:
+    """Ask a worker under continuous batching to drop these requests (their clients went away) at its next
+    iteration; it confirms each in a ``Step``'s ``dropped``, unless the request ended first."""
+    return encode({"op": "drop", "ids": list(request_ids)})
+
+
+def encode_step(step: Step) -> list[bytes | bytearray | memoryview]:
+    meta = [[rid, r.status, r.content_type, r.headers, r.reason, last] for rid, r, last in step.chunks]
+    header = {
+        "op": "step",
+        "chunks": meta,
+        "dropped": list(step.dropped),
+        "iteration": step.iteration,
+        "handler_ms": step.handler_ms,
+        "metrics": [[m.name, m.value, m.unit, m.kind, [list(d) for d in m.dimensions]] for m in step.metrics],
+    }
+    return encode(header, [r.payload for _, r, _ in step.chunks])
+
+
+def decode_step(header: dict[str, Any], parts: list[memoryview], running: Container[str]) -> Step:
+    """A step from a worker whose requests in flight are ``running``; anything malformed, or a chunk or drop for a
+    request not running there, is a ``ProtocolError``."""
+    meta, dropped = header.get("chunks"), header.get("dropped")
+    if header.get("op") != "step" or not isinstance(meta, list) or not isinstance(dropped, list):
+        raise ProtocolError("expected a step from the worker")
+    if not all(isinstance(item, list) and len(item) == 6 and isinstance(item[5], bool) for item in meta):
+        raise ProtocolError("malformed chunk entry in a step")
+    ids = [item[0] for item in meta] + dropped
+    if not all(isinstance(rid, str) and rid in running for rid in ids):
+        raise ProtocolError("a step names a request that is not running in the worker")
+    responses = decode_responses({"responses": [item[1:5] for item in meta]}, parts, len(meta))
+    handler_ms = header.get("handler_ms", 0.0)
+    if not isinstance(handler_ms, int | float) or not 0 <= handler_ms < 1e12:
+        raise ProtocolError("handler_ms must be a non-negative number")
+    chunks = tuple((item[0], response, item[5]) for item, response in zip(meta, responses, strict=True))
+    iteration = header.get("iteration") is not False
+    return Step(chunks, tuple(dropped), iteration, float(handler_ms), _decode_metrics(header.get("metrics", [])))
 
 
 def decode_responses(header: dict[str, Any], parts: list[memoryview], expected: int) -> list[Response]:

@@ -23,6 +23,7 @@ from servekit import forkserver
 from servekit.archive import ModelSpec
 from servekit.batcher import Batcher
 from servekit.config import Settings, detect_gpu_count
+from servekit.continuous_batcher import ContinuousBatcher
 from servekit.errors import (
     BadRequestError,
     ConflictError,
@@ -40,7 +41,7 @@ from servekit.metrics import Metrics, ModelMetrics, ModelState
 from servekit.oip import TensorSpec, specs_from_config
 from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
-from servekit.protocol import Failure, LoadCommand, Request, Response, failure_message
+from servekit.protocol import Failure, LoadCommand, Request, Response, continuous_batching, failure_message
 
 logger = logging.getLogger("servekit.registry")
 
@@ -139,6 +140,14 @@ def torch_threads(workers: int) -> int:
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
     return max(1, (available_cpus() - 1) // max(1, workers))
+
+
+def new_batcher(
+    spec: ModelSpec, pool: WorkerPool, settings: ModelSettings, metrics: ModelMetrics
+) -> Batcher[WorkerProcess]:
+    """The model's queue: a ``ContinuousBatcher`` when its model config says ``continuousBatching: true``."""
+    kind = ContinuousBatcher if continuous_batching(spec.config) else Batcher
+    return kind(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics)
 
 
 @dataclass(eq=False)
@@ -311,7 +320,7 @@ class ModelRegistry:
             self.metrics.worker_loaded(f"{worker.name}_{spec.version}", seconds)
 
         pool = WorkerPool(command_for, pool_settings, loaded)
-        batcher = Batcher(spec.name, pool, model_settings.batch_size, model_settings.job_queue_size, model_metrics)
+        batcher = new_batcher(spec, pool, model_settings, model_metrics)
         model = Model(
             spec, model_settings, url, pool, batcher, model_metrics, inputs, outputs, loaded_at_startup, downloaded
         )
@@ -466,9 +475,7 @@ class ModelRegistry:
             return
         model.settings = replace(model.settings, min_workers=0, max_workers=0)
         model.pool.reopen()
-        model.batcher = Batcher(
-            model.name, model.pool, model.settings.batch_size, model.settings.job_queue_size, model.metrics
-        )
+        model.batcher = new_batcher(model.spec, model.pool, model.settings, model.metrics)
         versions[model.version] = model
         self._defaults.setdefault(model.name, model.version)
 

@@ -55,6 +55,29 @@ def pid_file() -> Path:
     return Path(tempfile.gettempdir()) / ".servekit.pid"
 
 
+def check_writable(settings: Settings) -> None:
+    """Stop the start with a ``ConfigError`` naming the path and the setting that moves it when servekit cannot write
+    where it must (a read-only root file system; docs/deploy.md lists these paths): the snapshot folder, and a
+    temporary folder for the PID file and extracted archives. ``TokenStore`` does the same for ``key_file.json``."""
+    if settings.snapshots:
+        folder = settings.log_location / "config"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write snapshots in {folder.absolute()} ({exc.strerror or exc}): set LOG_LOCATION to a "
+                "writable folder, or turn snapshots off (--ncs, or snapshots=false)"
+            ) from None
+    try:
+        tempfile.gettempdir()  # the first writable of TMPDIR, /tmp, /var/tmp, /usr/tmp and the working directory
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{exc.strerror}, where servekit writes its PID file and extracts .mar and .tar.gz archives: set TMPDIR "
+            "to a writable folder"
+        ) from None
+
+
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to ``serve``, so three can share one process."""
 
@@ -185,6 +208,12 @@ async def serve_port(server: _Server) -> None:
 async def serve(settings: Settings) -> int:
     tls_context = server_context(settings)  # a bad key or certificate stops the start here, before any port binds
     supplied = supplied_keys(settings)  # and so does bad token key material: never a fall back to no keys
+    check_writable(settings)  # and a folder servekit must write to that it cannot (a read-only root file system)
+    tokens = (  # writes key_file.json, or stops the start with one line saying where (before any process starts)
+        None
+        if settings.disable_token_authorization
+        else TokenStore(Path("key_file.json"), settings.token_expiration_min, supplied)
+    )
 
     def save_snapshot() -> None:
         if settings.snapshots and not registry.starting:
@@ -198,11 +227,6 @@ async def serve(settings: Settings) -> int:
     if registry.forks is not None:
         registry.forks.start()  # it imports torch while the ports bind; the first worker is forked from it
     metrics.watch(registry.states)
-    tokens = (
-        None
-        if settings.disable_token_authorization
-        else TokenStore(Path("key_file.json"), settings.token_expiration_min, supplied)
-    )
     try:
         grpc_ports = create_grpc_ports(settings, registry, tokens)
     except ConfigError:

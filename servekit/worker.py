@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from servekit import oip, protocol
+from servekit.continuous import IterationLoop
 from servekit.envelope import wrap
 from servekit.errors import error_body
 from servekit.handler import DEFAULT_HANDLER, Context, EntryPoint, PredictionException, RequestProcessor, load_handler
@@ -130,6 +131,23 @@ class Worker:
             outcome = [response if typed else dataclasses.replace(response, content_type="application/json")]
         records = tuple(protocol.MetricRecord(*record) for record in self.context.metrics.take())
         return protocol.BatchResult(outcome, (time.perf_counter() - start) * 1000, records)
+
+    def inputs(self, request: protocol.Request) -> dict[str, Any]:
+        """A request's inputs as the handler sees them (``decode_value``); ``ValueError`` for a malformed body."""
+        decode = self.command.decode_input_request
+        return {f.name: decode_value(f.value, f.content_type, decode) for f in request.fields}
+
+    def invoke(
+        self, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
+    ) -> list[Any] | protocol.Failure:
+        """The handler (in its envelope, if any) on ``requests`` and their decoded inputs: one result per request,
+        or the failure of the whole call. ``indices`` name the requests in the chunks they stream."""
+        return self._invoke(self.entry, requests, data, indices)
+
+    def response(self, idx: int, value: Any) -> protocol.Response:
+        """The answer of request ``idx`` of the last call from its ``value``, with the status and headers the handler
+        set for it."""
+        return self._response(idx, value)
 
     def _answer(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
         """Answer each request: v2 tensor requests through ``tensors``, the rest through the handler. A request
@@ -300,6 +318,8 @@ def serve(sock: socket.socket) -> int:
         protocol.send_frame(sock, protocol.encode_failure(failure))
         return 1
     protocol.send_frame(sock, frame)
+    if protocol.continuous_batching(command.model_yaml_config):
+        return IterationLoop(worker, sock).serve()
     while (body := protocol.recv_frame(sock)) is not None:
         header, parts = protocol.decode(body)
         if header.get("op") == "describe":

@@ -3,6 +3,7 @@ ends the server and its workers."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -98,3 +99,73 @@ def test_cli_start_rejects_bad_config_with_message(tmp_path: Path, store: Path) 
     result = run_cli(["start", "--model-store", str(store), "--ts-config", str(cfg)], tmp_path)
     assert result.returncode == 1
     assert "job_queue_size" in result.stderr
+
+
+def without_dac_override() -> None:
+    """Run in the child before exec: as root, give up the capabilities that let root write where a folder's mode says
+    no one may (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so that a folder of mode 0555 is read-only to the server as it
+    is to uid 10001 in the image. Dropped from the bounding set, they are not in root's permitted set after exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_cli_start_in_a_read_only_working_directory_fails_with_one_line_naming_the_key_file(tmp_path: Path) -> None:
+    """The image's working directory under a read-only root file system (docs/deploy.md): token authorization writes
+    key_file.json there. A folder of mode 0555 stands for it (as root, without the capabilities that ignore modes)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "tmp").mkdir()
+    cfg = write_config(tmp_path / "config.properties", [free_port() for _ in range(3)])
+    home.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [SERVEKIT, "start", "--foreground", "--ncs", "--ts-config", str(cfg)],
+            cwd=home,
+            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+            preexec_fn=without_dac_override if os.geteuid() == 0 else None,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        home.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"servekit: cannot write the token keys to {home / 'key_file.json'} (Permission denied): start servekit in a "
+        "writable working directory, supply the keys (key_file, or SERVEKIT_INFERENCE_KEY and "
+        "SERVEKIT_MANAGEMENT_KEY), or turn token authorization off (--disable-token-auth)"
+    ]
+    assert not list(home.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("foreground", "message"),
+    [
+        (
+            True,
+            "cannot write snapshots in {logs}/config (Not a directory): set LOG_LOCATION to a writable folder, "
+            "or turn snapshots off (--ncs, or snapshots=false)",
+        ),
+        (
+            False,
+            "cannot write the server's log {logs}/servekit.log (Not a directory): set LOG_LOCATION to a writable "
+            "folder, or start with --foreground (it logs to stderr)",
+        ),
+    ],
+)
+def test_cli_start_with_log_location_not_writable_fails_with_one_line_naming_it(
+    tmp_path: Path, foreground: bool, message: str
+) -> None:
+    """LOG_LOCATION (snapshots; a background start's log) under a regular file: a path that no one, root included, can
+    write."""
+    (tmp_path / "file").write_text("")
+    logs = tmp_path / "file" / "logs"
+    cfg = write_config(tmp_path / "config.properties", [free_port() for _ in range(3)])
+    args = ["start", "--ts-config", str(cfg), *(["--foreground"] if foreground else [])]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "LOG_LOCATION": str(logs)}
+    result = subprocess.run([SERVEKIT, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == ["servekit: " + message.format(logs=logs)]
+    assert not (tmp_path / "key_file.json").exists(), "the start stopped before token authorization wrote its keys"

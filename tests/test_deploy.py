@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -34,10 +36,12 @@ from servekit import cli
 from servekit.api.keys import read_key_file
 from servekit.config import KEY_VARIABLES, Settings, load_settings, parse_properties
 from tests.helpers import build_mlp, free_port, stop_process, wait_healthy
+from tests.test_cli import without_dac_override
 from tests.test_configs import metric_names
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
+CONSTRAINTS = ROOT / "constraints.txt"  # the image's package versions (deploy/constraints.py writes it)
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve"
 VENV = PurePosixPath("/opt/venv")  # where the builder stage makes the virtual environment that the image copies
@@ -344,6 +348,69 @@ def test_dockerignore_keeps_only_what_the_image_needs() -> None:
     assert sum((ROOT / f).stat().st_size for f in context) < 2 * 2**20, "a build context of under 2 MiB"
 
 
+# ---- constraints.txt: the image's package versions ----
+
+
+def constraints_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("constraints", ROOT / "deploy" / "constraints.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def constraint_pins() -> dict[str, str]:
+    """``constraints.txt`` as {normalized name: version}."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, separator, version = line.partition("==")
+            assert separator and version, f"constraints.txt: {line!r} is not name==version"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_constraints_pin_the_images_packages_at_the_versions_the_tests_run_with() -> None:
+    assert CONSTRAINTS.read_text() == constraints_generator().render(), (
+        "constraints.txt does not match this environment: run make constraints (docs/deploy.md, Pinned versions)"
+    )
+    pins = constraint_pins()
+    assert pins["torch"] == "2.13.0", "the release, so that a CUDA index's 2.13.0+cu128 satisfies it too"
+    assert {"fastapi", "uvicorn", "uvloop", "grpcio", "numpy", "typing-extensions"} <= pins.keys()
+    requires = [Requirement(text) for text in importlib.metadata.requires("servekit") or ()]
+    test_only = {
+        canonicalize_name(r.name)
+        for r in requires
+        if r.marker is not None and r.marker.evaluate({"extra": "test"}) and not r.marker.evaluate({"extra": ""})
+    }
+    assert {"pytest", "ruff", "tritonclient", "grpcio-tools"} <= test_only
+    assert not test_only & pins.keys(), "no test tool in the image"
+
+
+def test_dockerfile_installs_servekit_and_numpy_at_the_constrained_versions() -> None:
+    builder = read_dockerfile().stage("builder")
+    torch_step, servekit_step = (run.split() for run in builder.values("RUN") if run.startswith("pip install "))
+    # torch alone from its index: its dependencies come with servekit's, constrained
+    assert f"torch=={constraint_pins()['torch']}" in torch_step and "--no-deps" in torch_step
+    assert servekit_step[:4] == ["pip", "install", "--constraint", CONSTRAINTS.name]
+    assert set(servekit_step[4:]) == {".", *constraints_generator().IMAGE_EXTRAS}
+    assert in_context(CONSTRAINTS.name)
+    assert ({}, ["."], ".") in copies(builder), "the builder copies the build context, constraints.txt with it"
+
+
+def test_deploy_docs_publish_ports_on_loopback_and_say_what_a_container_must_write() -> None:
+    """The `docker run` commands of docs/deploy.md and the Dockerfile: a bare ``-p 8080:8080`` publishes the port on
+    every interface of the host. The Docker part says what a read-only root file system needs, as the Kubernetes
+    manifests do, and that podman keeps HEALTHCHECK only in the docker format."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "docs" / "deploy.md").read_text() + DOCKERFILE.read_text())
+    published = [p for command in re.findall(r"docker run [^`\n]*", text) for p in re.findall(r"-p (\S+)", command)]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    docker_part = (ROOT / "docs" / "deploy.md").read_text().partition("## The image")[2].partition("\n## ")[0]
+    home = read_dockerfile().final.last("WORKDIR")
+    assert f"docker run --read-only --tmpfs /tmp --tmpfs {home}" in docker_part
+    assert "podman build --format docker" in docker_part
+
+
 # ---- the image's install steps and start command, in a fresh virtual environment ----
 
 
@@ -461,6 +528,16 @@ def test_image_install_steps_and_start_command_serve_a_model_and_drain_on_sigter
         check=True,
     )
     assert located.stdout.startswith(str(venv)), "servekit is installed into the venv, not linked to the sources"
+    listed = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "list", "--format=json"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installed: dict[str, str] = {canonicalize_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+    pins = constraint_pins()
+    assert {name: installed.get(name, "(none)").partition("+")[0] for name in pins} == pins
 
     ports = [free_port() for _ in range(3)]
     settings = write_container_config(dockerfile, rootfs, ports)
@@ -501,6 +578,8 @@ def test_image_install_steps_and_start_command_serve_a_model_and_drain_on_sigter
         )
         assert response.status_code == 200, response.text
         assert response.json() == pytest.approx(expected_mlp_output(data), rel=1e-5, abs=1e-6)
+        # numpy is in the image: torch does not warn at import (in the zygote or in each worker)
+        assert "Failed to initialize NumPy" not in log.read_text(errors="replace")
         # every series the Prometheus adapter rules read (hpa.yaml's metrics) is there, for the model
         text = httpx.get(metrics + "/metrics", timeout=10).text
         for name in adapter_metric_names():
@@ -514,6 +593,25 @@ def test_image_install_steps_and_start_command_serve_a_model_and_drain_on_sigter
             httpx.get(inference + "/ping", timeout=5)
     finally:
         stop_process(process)
+
+    # the same start with a read-only working directory (a read-only root file system, docs/deploy.md): exit 1 and
+    # one line that names the path
+    home.chmod(0o555)
+    try:
+        failed = subprocess.run(
+            container_command(dockerfile, rootfs),
+            cwd=home,
+            env=env,
+            preexec_fn=without_dac_override if os.geteuid() == 0 else None,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        home.chmod(0o755)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.startswith(f"servekit: cannot write the token keys to {home / 'key_file.json'} ")
+    assert len(failed.stderr.splitlines()) == 1, failed.stderr
 
 
 # ---- Kubernetes manifests ----

@@ -26,7 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servekit.api.errors import error_response
 from servekit.api.keys import SuppliedKeys
-from servekit.errors import BadRequestError, ForbiddenError, MethodNotAllowedError, ServekitError, UnauthorizedError
+from servekit.errors import (
+    BadRequestError,
+    ConfigError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    ServekitError,
+    UnauthorizedError,
+)
 
 logger = logging.getLogger("servekit.auth")
 
@@ -39,8 +46,8 @@ ROTATION_OFF = (
 
 
 class TokenStore:
-    """The server's keys: made at start and published in the key file at ``path``, or, with ``supplied``, the
-    operator's (``path`` is then neither written nor removed)."""
+    """The server's keys: made at start and published in the key file at ``path`` (a ``ConfigError`` naming it when
+    it cannot be written), or, with ``supplied``, the operator's (``path`` is then neither written nor removed)."""
 
     def __init__(self, path: Path, expiration_min: float, supplied: SuppliedKeys | None = None) -> None:
         self.path = path
@@ -53,7 +60,14 @@ class TokenStore:
             return
         self._keys = {kind: secrets.token_urlsafe(32) for kind in (*KINDS, "API")}
         self._expiry = {kind: time.time() + self.lifetime_s for kind in KINDS}
-        self._write()
+        try:
+            self._write()
+        except OSError as exc:  # a read-only working directory (docs/deploy.md): one line, not a traceback
+            raise ConfigError(
+                f"cannot write the token keys to {self.path.absolute()} ({exc.strerror or exc}): start servekit in a "
+                "writable working directory, supply the keys (key_file, or SERVEKIT_INFERENCE_KEY and "
+                "SERVEKIT_MANAGEMENT_KEY), or turn token authorization off (--disable-token-auth)"
+            ) from None
 
     def _write(self) -> None:
         document = {kind: {"key": self._keys[kind], "expiration time": _iso(self._expiry[kind])} for kind in KINDS}

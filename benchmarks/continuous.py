@@ -1,0 +1,306 @@
+"""Continuous batching against static batching on a generative model (issue 17, item 3), in the same run.
+
+    python benchmarks/continuous.py                                   # 16 and 64 streams, 2 rounds x 20 s each
+    python benchmarks/continuous.py --streams 64 --rounds 1 --seconds 10   # a quick look
+
+One servekit (this checkout) serves the tiny transformer of ``examples/generative`` twice, with the same handler file
+and settings (1 worker, ``batchSize`` ``--batch-size``): ``continuous`` with ``continuousBatching: true`` (each call
+is one iteration; requests join and leave the running batch) and ``static`` without it (each call runs its batch to
+the end, streaming every step with ``send_intermediate_predict_response``: today's static streaming, where a batch
+waits for its longest request and new requests wait for the batch). Each of ``--streams`` clients keeps one request
+in flight over a keep-alive connection, reading the chunked answer token by token, and sends its next request as soon
+as the last one ends (a closed loop). Requests are drawn from one seeded list, the same for both models: prompts of
+4-32 bytes, and 3 in 4 asking for 4-32 tokens, 1 in 4 for 128-192 (mixed lengths, with a long tail).
+
+Measured after ``--warmup`` seconds, for ``--seconds``: tokens per second (tokens received in the window), time to
+first token (sending to the first chunk, of the requests sent in the window: median and p90), and the median gap
+between two tokens of one stream, which is one iteration of the worker (its median over all gaps): time to first token
+in iterations is their ratio. Models alternate within a round, and the order alternates between rounds. The client
+is a small asyncio HTTP/1.1 reader in this process (one Python thread); on a shared machine, compare the ratios of
+one run, not absolute numbers across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default
+``/tmp/servekit-bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "generative"
+PORT = 18600
+MODES = ("static", "continuous")
+
+
+def jobs(count: int, seed: int = 17) -> list[bytes]:
+    """The request bodies, in the order the streams take them."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    bodies = []
+    for _ in range(count):
+        prompt = "".join(rng.choice(letters) for _ in range(rng.randint(4, 32)))
+        tokens = rng.randint(128, 192) if rng.random() < 0.25 else rng.randint(4, 32)
+        bodies.append(json.dumps({"prompt": prompt, "max_new_tokens": tokens}).encode())
+    return bodies
+
+
+def prepare(work: Path, batch_size: int, static: str) -> Path:
+    """Both archives, from the example's files, differing only in ``continuousBatching``."""
+    sys.path.insert(0, str(REPO))
+    from servekit import archiver
+
+    store = work / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    for mode in MODES:
+        config = work / f"{mode}.yaml"
+        settings = [f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch_size}\nmaxBatchDelay: 5\nresponseTimeout: 120\n"]
+        settings += [f"handler:\n  seed: 0\n  static: {static}\n"]
+        settings += [f"continuousBatching: {'true' if mode == 'continuous' else 'false'}\n"]
+        config.write_text("".join(settings))
+        args = ["--model-name", mode, "--version", "1.0", "--handler", str(EXAMPLE / "handler.py"), "--force"]
+        args += ["--extra-files", str(EXAMPLE / "decoder.py"), "--config-file", str(config)]
+        assert archiver.main([*args, "--export-path", str(store)]) == 0
+    return store
+
+
+def start(work: Path, store: Path) -> subprocess.Popen[bytes]:
+    run = work / "run"
+    run.mkdir(exist_ok=True)
+    lines = [f"inference_address=http://127.0.0.1:{PORT}", f"management_address=http://127.0.0.1:{PORT + 1}"]
+    lines += [f"metrics_address=http://127.0.0.1:{PORT + 2}", "enable_grpc=false", "job_queue_size=1024"]
+    (run / "config.properties").write_text("\n".join(lines) + "\n")
+    command = [sys.executable, "-m", "servekit", "start", "--foreground", "--ncs", "--disable-token-auth"]
+    command += ["--model-store", str(store), "--models", *(f"{m}={m}.mar" for m in MODES)]
+    command += ["--ts-config", str(run / "config.properties")]
+    env = {**os.environ, "TMPDIR": str(run), "PYTHONPATH": str(REPO)}
+    with open(run / "server.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"servekit exited: see {run / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop(process)
+    sys.exit("servekit did not become healthy")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Stats:
+    tokens: int = 0  # received in the window
+    ttft: list[float] = field(default_factory=list)  # seconds, of requests sent in the window
+    gaps: list[float] = field(default_factory=list)  # seconds between two tokens of one stream, in the window
+    requests: int = 0  # answered, sent in the window
+    errors: int = 0
+    cpu: tuple[float, ...] = (0.0, 0.0, 0.0)  # cores used in the window: front end, workers, this client
+    calls: tuple[float, ...] = (0.0, 0.0, 0.0)  # in the window: handler calls, their seconds, requests in them
+
+
+async def stream(
+    model: str, bodies: list[bytes], start: float, end: float, stats: Stats, pause: Callable[[], float] | None = None
+) -> None:
+    """One client: requests one after the other on a keep-alive connection until ``end`` (with ``pause``, that many
+    seconds before each)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+    head = f"POST /predictions/{model} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    try:
+        for body in bodies:
+            if pause is not None:
+                await asyncio.sleep(pause())
+            sent = time.perf_counter()
+            if sent >= end:
+                return
+            writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+            status = int((await reader.readline()).split()[1])
+            chunked = False
+            while (line := await reader.readline()) != b"\r\n":
+                chunked |= line.lower().startswith(b"transfer-encoding: chunked")
+            if not chunked:  # a one-token answer (or an error)
+                raise RuntimeError("expected a chunked answer")
+            last = None
+            while size := int((await reader.readline()).strip(), 16):
+                data = await reader.readexactly(size + 2)
+                now = time.perf_counter()
+                count = data.count(b"\n", 0, size)  # tokens end in a newline; the chunk in CRLF
+                if start <= now < end:
+                    stats.tokens += count
+                    if last is not None and count:
+                        stats.gaps.append(now - last)
+                if last is None and start <= sent < end:
+                    stats.ttft.append(now - sent)
+                last = now if count else last
+            await reader.readline()
+            if status != 200:
+                stats.errors += 1
+            elif start <= sent < end:
+                stats.requests += 1
+    finally:
+        writer.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu(server: int) -> tuple[float, float, float]:
+    """CPU seconds so far of the front end, of its children (the workers and the zygote) and of this process."""
+    children = [int(c) for c in Path(f"/proc/{server}/task/{server}/children").read_text().split()]
+    return cpu_seconds(server), sum(cpu_seconds(c) for c in children), time.process_time()
+
+
+def handler_calls(model: str) -> tuple[float, float, float]:
+    """The server's counts so far for ``model``: handler calls, their seconds, the requests in them."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT + 2}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if f'model_name="{model}"' in name:
+            values[name.split("{")[0]] = float(value)
+    return (
+        values["servekit_handler_time_seconds_count"],
+        values["servekit_handler_time_seconds_sum"],
+        values["servekit_batch_size_sum"],
+    )
+
+
+async def load(
+    model: str, streams: int, warmup: float, seconds: float, bodies: list[bytes], server: int, think_ms: float
+) -> Stats:
+    stats = Stats()
+    start = time.perf_counter() + warmup
+    end = start + seconds
+
+    async def measure() -> None:
+        await asyncio.sleep(warmup)
+        before, calls = cpu(server), await asyncio.to_thread(handler_calls, model)
+        await asyncio.sleep(seconds)
+        stats.cpu = tuple((after - b) / seconds for after, b in zip(cpu(server), before, strict=True))
+        after = await asyncio.to_thread(handler_calls, model)
+        stats.calls = tuple(a - b for a, b in zip(after, calls, strict=True))
+
+    pauses = [
+        functools.partial(random.Random(i).expovariate, 1000 / think_ms) if think_ms else None for i in range(streams)
+    ]
+    clients = [stream(model, bodies[i::streams], start, end, stats, pauses[i]) for i in range(streams)]
+    await asyncio.gather(measure(), *clients)
+    return stats
+
+
+def summary(stats: Stats, seconds: float) -> dict[str, float]:
+    ttft = sorted(stats.ttft)
+    iteration = statistics.median(stats.gaps) if stats.gaps else float("nan")
+    median_ttft = statistics.median(ttft) if ttft else float("nan")
+    return {
+        "tokens_per_s": stats.tokens / seconds,
+        "requests_per_s": stats.requests / seconds,
+        "ttft_p50_ms": median_ttft * 1000,
+        "ttft_p90_ms": ttft[int(len(ttft) * 0.9)] * 1000 if ttft else float("nan"),
+        "iteration_ms": iteration * 1000,
+        "ttft_p50_iterations": median_ttft / iteration,
+        "errors": stats.errors,
+        "handler_ms_per_call": stats.calls[1] / max(1.0, stats.calls[0]) * 1000,
+        "requests_per_call": stats.calls[2] / max(1.0, stats.calls[0]),
+        "handler_busy": stats.calls[1] / seconds,
+        "cpu_front_end": stats.cpu[0],
+        "cpu_workers": stats.cpu[1],
+        "cpu_client": stats.cpu[2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="16,64", help="concurrent streams, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64, help="the models' batchSize")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="mean pause of a stream before each request (exponential; default none: a closed loop whose requests "
+        "come just after an iteration began)",
+    )
+    parser.add_argument(
+        "--static",
+        choices=("fixed", "shrink"),
+        default="fixed",
+        help="static batching's rows: all kept to the end of the batch, as model.generate does (fixed), or taken out "
+        "as their requests finish (shrink)",
+    )
+    args = parser.parse_args()
+    work = Path(os.environ.get("BENCH_WORKDIR", "/tmp/servekit-bench")) / "continuous"
+    work.mkdir(parents=True, exist_ok=True)
+    process = start(work, prepare(work, args.batch_size, args.static))
+    bodies = jobs(20000)
+    results: list[dict[str, object]] = []
+    try:
+        for streams in (int(s) for s in args.streams.split(",")):
+            for round_ in range(args.rounds):
+                for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+                    stats = asyncio.run(
+                        load(mode, streams, args.warmup, args.seconds, bodies, process.pid, args.think_ms)
+                    )
+                    row = {"streams": streams, "round": round_, "mode": mode, **summary(stats, args.seconds)}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    finally:
+        stop(process)
+    (work.parent / "continuous.json").write_text(json.dumps(results, indent=1))
+    think = f", think {args.think_ms:g} ms" if args.think_ms else ""
+    print(f"\nbatchSize {args.batch_size}, static {args.static}{think}, {args.rounds} x {args.seconds:g} s; medians:")
+    print(TABLE)
+    for streams in (int(s) for s in args.streams.split(",")):
+        rows = {mode: [r for r in results if r["streams"] == streams and r["mode"] == mode] for mode in MODES}
+        medians = {
+            mode: {key: statistics.median(float(r[key]) for r in rows[mode]) for key in rows[mode][0] if key != "mode"}
+            for mode in MODES
+        }
+        for mode in MODES:
+            m = medians[mode]
+            ratio = m["tokens_per_s"] / medians["static"]["tokens_per_s"]
+            cores = f"{m['cpu_front_end']:.2f} / {m['cpu_workers']:.2f} / {m['cpu_client']:.2f}"
+            print(
+                f"| {streams} | {mode} | {m['tokens_per_s']:.0f} | {ratio:.2f} | {m['ttft_p50_ms']:.1f} | "
+                f"{m['ttft_p90_ms']:.1f} | {m['iteration_ms']:.2f} | {m['ttft_p50_iterations']:.2f} | "
+                f"{m['requests_per_call']:.1f} | {m['handler_busy']:.2f} | {cores} |"
+            )
+
+
+TABLE = """| streams | mode | tokens/s | x static | TTFT p50 ms | TTFT p90 ms | iteration ms | TTFT p50 in iterations \
+| requests per handler call | worker busy | cores: front end / workers / client |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""A tiny decoder-only transformer with random weights, for continuous batching (its example handler, tests and
+benchmark): byte tokens (a vocabulary of 256), learned positions, pre-norm blocks of causal self-attention over a
+sliding window of the last ``WINDOW`` positions and an MLP, greedy decoding with a KV cache.
+
+One ``TinyDecoder.step`` runs a ragged batch, as continuous batching wants it: one token for each sequence that is
+decoding, and the whole prompt of each sequence that joins (its prefill), through the same layers in one pass. The
+``Cache`` holds the keys and values of the window of up to ``slots`` sequences, in ring buffers. The sequences
+decoding occupy its first slots (one that leaves is replaced by the last, ``Cache.move``), so that a step reads their
+cache in place. The model computes in float64, so that a sequence decoded in a batch gets the tokens it gets alone.
+"""
+
+import torch
+from torch import nn
+
+VOCAB = 256
+DIM = 64
+HEADS = 4
+LAYERS = 2
+WINDOW = 32  # positions each token attends to (its own and those before it); a prompt fits in it
+POSITIONS = 256  # a prompt and the tokens generated after it fit in these
+
+
+class Cache:
+    """Keys and values of the last ``WINDOW`` positions of up to ``slots`` sequences: per layer, [slots, heads,
+    WINDOW, head_dim], position p at index p % WINDOW; ``positions`` says which position each index holds (-1:
+    none)."""
+
+    def __init__(self, slots: int) -> None:
+        shape = (slots, HEADS, WINDOW, DIM // HEADS)
+        self.keys = [torch.zeros(shape, dtype=torch.float64) for _ in range(LAYERS)]
+        self.values = [torch.zeros(shape, dtype=torch.float64) for _ in range(LAYERS)]
+        self.positions = torch.full((slots, WINDOW), -1)
+
+    def move(self, source: int, target: int) -> None:
+        """Slot ``source``'s sequence into slot ``target``."""
+        for tensor in (*self.keys, *self.values, self.positions):
+            tensor[target] = tensor[source]
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Each query ([n, heads, head_dim]) over its own window ([n, heads, WINDOW, head_dim]), where ``visible``
+    ([n, WINDOW])."""
+    scores = torch.einsum("nhd,nhwd->nhw", q, keys) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("nhw,nhwd->nhd", weights, values)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.out = nn.Linear(DIM, DIM)
+        self.norm2 = nn.LayerNorm(DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: "Step") -> torch.Tensor:
+        """``x``: [tokens, DIM], the decoding tokens (one per slot, from slot 0) then the prompts' tokens."""
+        q, k, v = self.qkv(self.norm1(x)).view(-1, 3, HEADS, DIM // HEADS).unbind(1)
+        keys[step.slots, :, step.index] = k
+        values[step.slots, :, step.index] = v
+        b = step.decoding
+        heard = [attend(q[:b], keys[:b], values[:b], step.visible[:b])] if b else []
+        if x.shape[0] > b:  # the prompts: each token over its own sequence's window
+            rows = step.slots[b:]
+            heard.append(attend(q[b:], keys[rows], values[rows], step.visible[b:]))
+        x = x + self.out(torch.cat(heard).reshape(-1, DIM))
+        return x + self.mlp(self.norm2(x))
+
+
+class Step:
+    """Where the tokens of one step go: their slots, positions and ring indices, and what each may see."""
+
+    def __init__(self, cache: Cache, decoding: list[int], prompts: list[tuple[int, list[int]]]) -> None:
+        self.decoding = len(decoding)
+        slots = list(range(self.decoding)) + [slot for slot, prompt in prompts for _ in prompt]
+        at = decoding + [p for _, prompt in prompts for p in range(len(prompt))]
+        self.slots, self.at = torch.tensor(slots, dtype=torch.long), torch.tensor(at, dtype=torch.long)
+        self.index = self.at % WINDOW
+        for slot, _ in prompts:
+            cache.positions[slot] = -1  # a new sequence in that slot
+        cache.positions[self.slots, self.index] = self.at
+        seen = cache.positions[self.slots]
+        self.visible = (seen >= 0) & (seen <= self.at[:, None])
+        ends = torch.tensor([len(prompt) for _, prompt in prompts], dtype=torch.long).cumsum(0)
+        self.last = torch.cat([torch.arange(self.decoding), self.decoding + ends - 1])  # each sequence's last token
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.position = nn.Embedding(POSITIONS, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+
+    def step(
+        self, cache: Cache, tokens: list[int], positions: list[int], prompts: list[tuple[int, list[int]]]
+    ) -> list[int]:
+        """One step of a ragged batch: the sequences of the first ``len(tokens)`` slots each feed their last token
+        at their position, and each ``(slot, prompt)`` runs its prompt into that slot (a prompt is at most WINDOW
+        tokens). Returns the next token of each: the decoding ones first, then the prompts'."""
+        step = Step(cache, positions, prompts)
+        flat = torch.tensor(tokens + [t for _, prompt in prompts for t in prompt], dtype=torch.long)
+        x = self.embed(flat) + self.position(step.at)
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values, strict=True):
+            x = block(x, keys, values, step)
+        return self.head(self.norm(x[step.last])).argmax(-1).tolist()
+
+
+class Sequence:
+    """One sequence being generated: its cache slot, the position and token it feeds next, the tokens still to make."""
+
+    def __init__(self, slot: int, position: int, token: int, remaining: int) -> None:
+        self.slot = slot
+        self.position = position
+        self.token = token
+        self.remaining = remaining
+
+
+def build(seed: int = 0) -> TinyDecoder:
+    """The model with its random weights, the same for the same seed."""
+    torch.manual_seed(seed)
+    return TinyDecoder().to(torch.float64).eval()
+
+
+def tokens_of(prompt: str) -> list[int]:
+    return list(prompt.encode())
+
+
+@torch.inference_mode()
+def generate(model: TinyDecoder, prompt: str, max_new_tokens: int) -> list[int]:
+    """The tokens greedy decoding gives for ``prompt`` alone: what the handler streams for it."""
+    cache = Cache(1)
+    tokens = tokens_of(prompt)
+    out = model.step(cache, [], [], [(0, tokens)])
+    position = len(tokens)
+    while len(out) < max_new_tokens:
+        out += model.step(cache, [out[-1]], [position], [])
+        position += 1
+    return out
