@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint install clean compat protos constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'  # the image's pinned versions (constraints.txt): tested as shipped
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -111,19 +111,15 @@ def without_dac_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_cli_start_in_a_read_only_working_directory_fails_with_one_line_naming_the_key_file(tmp_path: Path) -> None:
-    """The image's working directory under a read-only root file system (docs/deploy.md): token authorization writes
-    key_file.json there. A folder of mode 0555 stands for it (as root, without the capabilities that ignore modes)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (tmp_path / "tmp").mkdir()
-    cfg = write_config(tmp_path / "config.properties", [free_port() for _ in range(3)])
+def run_read_only(home: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``command`` run in ``home`` made read-only for the while (mode 0555; as root, without the capabilities that
+    ignore modes), its output captured."""
     home.chmod(0o555)
     try:
-        result = subprocess.run(
-            [SERVEKIT, "start", "--foreground", "--ncs", "--ts-config", str(cfg)],
+        return subprocess.run(
+            command,
             cwd=home,
-            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+            env=env,
             preexec_fn=without_dac_override if os.geteuid() == 0 else None,
             capture_output=True,
             text=True,
@@ -131,6 +127,17 @@ def test_cli_start_in_a_read_only_working_directory_fails_with_one_line_naming_t
         )
     finally:
         home.chmod(0o755)
+
+
+def test_cli_start_in_a_read_only_working_directory_fails_with_one_line_naming_the_key_file(tmp_path: Path) -> None:
+    """The image's working directory under a read-only root file system (docs/deploy.md): token authorization writes
+    key_file.json there. A folder of mode 0555 stands for it (as root, without the capabilities that ignore modes)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "tmp").mkdir()
+    cfg = write_config(tmp_path / "config.properties", [free_port() for _ in range(3)])
+    command = [SERVEKIT, "start", "--foreground", "--ncs", "--ts-config", str(cfg)]
+    result = run_read_only(home, command, {**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"servekit: cannot write the token keys to {home / 'key_file.json'} (Permission denied): start servekit in a "

@@ -36,7 +36,7 @@ from servekit import cli
 from servekit.api.keys import read_key_file
 from servekit.config import KEY_VARIABLES, Settings, load_settings, parse_properties
 from tests.helpers import build_mlp, free_port, stop_process, wait_healthy
-from tests.test_cli import without_dac_override
+from tests.test_cli import run_read_only
 from tests.test_configs import metric_names
 
 ROOT = Path(__file__).parent.parent
@@ -596,19 +596,7 @@ def test_image_install_steps_and_start_command_serve_a_model_and_drain_on_sigter
 
     # the same start with a read-only working directory (a read-only root file system, docs/deploy.md): exit 1 and
     # one line that names the path
-    home.chmod(0o555)
-    try:
-        failed = subprocess.run(
-            container_command(dockerfile, rootfs),
-            cwd=home,
-            env=env,
-            preexec_fn=without_dac_override if os.geteuid() == 0 else None,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        home.chmod(0o755)
+    failed = run_read_only(home, container_command(dockerfile, rootfs), env)
     assert failed.returncode == 1, failed.stderr
     assert failed.stderr.startswith(f"servekit: cannot write the token keys to {home / 'key_file.json'} ")
     assert len(failed.stderr.splitlines()) == 1, failed.stderr
