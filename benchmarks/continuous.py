@@ -1,24 +1,31 @@
 """Continuous batching against static batching on a generative model (issue 17, item 3), in the same run.
 
-    python benchmarks/continuous.py                                   # 16 and 64 streams, 2 rounds x 20 s each
-    python benchmarks/continuous.py --streams 64 --rounds 1 --seconds 10   # a quick look
+    python benchmarks/continuous.py                       # 16 and 64 streams, 2 rounds x 20 s per cell (~4 min)
+    python benchmarks/continuous.py --streams 64 --rounds 1 --seconds 10              # a quick look
+    python benchmarks/continuous.py --static shrink       # against a static batch that drops finished rows
+    python benchmarks/continuous.py --think-ms 20         # streams pause between requests (arrivals not in step)
 
 One servekit (this checkout) serves the tiny transformer of ``examples/generative`` twice, with the same handler file
-and settings (1 worker, ``batchSize`` ``--batch-size``): ``continuous`` with ``continuousBatching: true`` (each call
-is one iteration; requests join and leave the running batch) and ``static`` without it (each call runs its batch to
-the end, streaming every step with ``send_intermediate_predict_response``: today's static streaming, where a batch
-waits for its longest request and new requests wait for the batch). Each of ``--streams`` clients keeps one request
-in flight over a keep-alive connection, reading the chunked answer token by token, and sends its next request as soon
-as the last one ends (a closed loop). Requests are drawn from one seeded list, the same for both models: prompts of
-4-32 bytes, and 3 in 4 asking for 4-32 tokens, 1 in 4 for 128-192 (mixed lengths, with a long tail).
+and settings (1 worker, ``batchSize`` ``--batch-size``, 64 by default): ``continuous`` with ``continuousBatching:
+true`` (each call is one iteration; requests join and leave the running batch) and ``static`` without it (each call
+runs its batch to the end, streaming every step with ``send_intermediate_predict_response``: today's static
+streaming, where a batch waits for its longest request and new requests wait for the batch). The static batch keeps
+its finished rows to its end, as ``model.generate`` does, or with ``--static shrink`` drops them (the handler's
+``static: shrink``). Each of ``--streams`` clients keeps one request in flight over a keep-alive connection, reading
+the chunked answer token by token, and sends its next request as soon as the last one ends (a closed loop; with
+``--think-ms``, after an exponential pause of that mean). Requests are drawn from one seeded list, the same for both
+models: prompts of 4-32 bytes, and 3 in 4 asking for 4-32 tokens, 1 in 4 for 128-192 (mixed lengths, a long tail).
 
-Measured after ``--warmup`` seconds, for ``--seconds``: tokens per second (tokens received in the window), time to
-first token (sending to the first chunk, of the requests sent in the window: median and p90), and the median gap
-between two tokens of one stream, which is one iteration of the worker (its median over all gaps): time to first token
-in iterations is their ratio. Models alternate within a round, and the order alternates between rounds. The client
-is a small asyncio HTTP/1.1 reader in this process (one Python thread); on a shared machine, compare the ratios of
-one run, not absolute numbers across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default
-``/tmp/servekit-bench``).
+Measured after ``--warmup`` seconds, for ``--seconds``: tokens per second (tokens received in the window), and per
+CPU second of the workers (which other processes on a shared machine disturb less); time to first token (TTFT:
+sending to the first chunk, of the requests sent in the window; median and p90, and the front end's mean from
+arrival to first chunk, ``servekit_request_latency_seconds``); the median gap between two tokens of one stream, which
+is one iteration of the worker, and TTFT in those iterations; from the server's metrics, requests per handler call
+(the iteration's batch, or the static batch) and the worker's busy fraction; the cores used by the front end, the
+workers and this client (from /proc). Models alternate within a round, and the order alternates
+between rounds; the table has the medians over rounds. The client is a small asyncio HTTP/1.1 reader in this process
+(one Python thread) on the same machine: on a shared machine, compare the ratios of one run, not absolute numbers
+across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default ``/tmp/servekit-bench``).
 """
 
 from __future__ import annotations
@@ -121,7 +128,7 @@ class Stats:
     requests: int = 0  # answered, sent in the window
     errors: int = 0
     cpu: tuple[float, ...] = (0.0, 0.0, 0.0)  # cores used in the window: front end, workers, this client
-    calls: tuple[float, ...] = (0.0, 0.0, 0.0)  # in the window: handler calls, their seconds, requests in them
+    calls: tuple[float, ...] = (0.0,) * 5  # in the window: see ``handler_calls``
 
 
 async def stream(
@@ -177,8 +184,9 @@ def cpu(server: int) -> tuple[float, float, float]:
     return cpu_seconds(server), sum(cpu_seconds(c) for c in children), time.process_time()
 
 
-def handler_calls(model: str) -> tuple[float, float, float]:
-    """The server's counts so far for ``model``: handler calls, their seconds, the requests in them."""
+def handler_calls(model: str) -> tuple[float, float, float, float, float]:
+    """The server's counts so far for ``model``: handler calls, their seconds, the requests in them, and the requests
+    answered and their seconds from arrival to the first chunk (the front end's view of the time to first token)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT + 2}/metrics", timeout=10) as answer:
         text = answer.read().decode()
     values = {}
@@ -190,6 +198,8 @@ def handler_calls(model: str) -> tuple[float, float, float]:
         values["servekit_handler_time_seconds_count"],
         values["servekit_handler_time_seconds_sum"],
         values["servekit_batch_size_sum"],
+        values["servekit_request_latency_seconds_count"],
+        values["servekit_request_latency_seconds_sum"],
     )
 
 
@@ -222,9 +232,11 @@ def summary(stats: Stats, seconds: float) -> dict[str, float]:
     median_ttft = statistics.median(ttft) if ttft else float("nan")
     return {
         "tokens_per_s": stats.tokens / seconds,
+        "tokens_per_worker_cpu_s": stats.tokens / seconds / max(1e-9, stats.cpu[1]),
         "requests_per_s": stats.requests / seconds,
         "ttft_p50_ms": median_ttft * 1000,
         "ttft_p90_ms": ttft[int(len(ttft) * 0.9)] * 1000 if ttft else float("nan"),
+        "server_ttft_mean_ms": stats.calls[4] / max(1.0, stats.calls[3]) * 1000,
         "iteration_ms": iteration * 1000,
         "ttft_p50_iterations": median_ttft / iteration,
         "errors": stats.errors,
@@ -289,17 +301,22 @@ def main() -> None:
         for mode in MODES:
             m = medians[mode]
             ratio = m["tokens_per_s"] / medians["static"]["tokens_per_s"]
+            per_cpu = m["tokens_per_worker_cpu_s"] / medians["static"]["tokens_per_worker_cpu_s"]
             cores = f"{m['cpu_front_end']:.2f} / {m['cpu_workers']:.2f} / {m['cpu_client']:.2f}"
             print(
-                f"| {streams} | {mode} | {m['tokens_per_s']:.0f} | {ratio:.2f} | {m['ttft_p50_ms']:.1f} | "
-                f"{m['ttft_p90_ms']:.1f} | {m['iteration_ms']:.2f} | {m['ttft_p50_iterations']:.2f} | "
+                f"| {streams} | {mode} | {m['tokens_per_s']:.0f} | {ratio:.2f} | {m['tokens_per_worker_cpu_s']:.0f} | "
+                f"{per_cpu:.2f} | {m['ttft_p50_ms']:.1f} | "
+                f"{m['ttft_p90_ms']:.1f} | {m['server_ttft_mean_ms']:.1f} | {m['iteration_ms']:.2f} | "
+                f"{m['ttft_p50_iterations']:.2f} | "
                 f"{m['requests_per_call']:.1f} | {m['handler_busy']:.2f} | {cores} |"
             )
 
 
-TABLE = """| streams | mode | tokens/s | x static | TTFT p50 ms | TTFT p90 ms | iteration ms | TTFT p50 in iterations \
-| requests per handler call | worker busy | cores: front end / workers / client |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
+TABLE = (
+    "| streams | mode | tokens/s | x static | tokens per worker CPU s | x static | TTFT p50 ms | TTFT p90 ms "
+    "| front end TTFT mean ms | iteration ms | TTFT p50 in iterations | requests per handler call | worker busy "
+    "| cores: front end / workers / client |\n" + "| --- " * 14 + "|"
+)
 
 
 if __name__ == "__main__":

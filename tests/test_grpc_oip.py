@@ -27,25 +27,15 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from servekit import archiver
-from tests.helpers import Server, build_mlp, free_port, make_archive, running_server, write
-from tests.test_v2 import MLP_CONFIG, MULTI_CONFIG, MULTI_HANDLER, SLOW_DOUBLE_CONFIG, SLOW_DOUBLE_HANDLER
+from tests.helpers import Server, build_mlp, free_port, running_server
+from tests.test_v2 import tensor_store
 from tests.torchserve_protos import compile_protos, torchserve_protos
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("grpc_oip")
-    store, work = root / "store", root / "work"
-    store.mkdir()
-    work.mkdir()
-    torch.jit.trace(build_mlp(), torch.zeros(1, 16)).save(str(work / "mlp.pt"))  # type: ignore[no-untyped-call]
-    write(work / "model-config.yaml", MLP_CONFIG)
-    archiver.main(["--model-name", "mlp", "--version", "1.0", "--serialized-file", str(work / "mlp.pt"),
-                   "--handler", "base_handler", "--config-file", str(work / "model-config.yaml"),
-                   "--export-path", str(store)])  # fmt: skip
-    make_archive(store, "multi", MULTI_HANDLER, work=work, config=MULTI_CONFIG)
-    make_archive(store, "slowdouble", SLOW_DOUBLE_HANDLER, work=work, config=SLOW_DOUBLE_CONFIG)
+    store, _ = tensor_store(root)
     config = {"enable_grpc": "true", "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
     with running_server(root / "run", store, ("all",), config, ("--ncs",)) as srv:
         yield srv

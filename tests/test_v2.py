@@ -82,9 +82,9 @@ outputs:
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("v2")
+def tensor_store(root: Path) -> tuple[Path, Path]:
+    """A model store (and a scratch folder) with ``mlp`` (TorchScript, declared inputs and outputs), ``multi``
+    (INT64, FP32, BF16 and BYTES through ``infer_tensors``) and ``slowdouble`` (answers with its batch's size)."""
     store, work = root / "store", root / "work"
     store.mkdir()
     work.mkdir()
@@ -94,14 +94,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     archiver.main(["--model-name", "mlp", "--version", "1.0", "--serialized-file", str(work / "mlp.pt"),
                    "--handler", "base_handler", "--config-file", str(work / "model-config.yaml"),
                    "--export-path", str(store)])  # fmt: skip
+    make_archive(store, "multi", MULTI_HANDLER, work=work, config=MULTI_CONFIG)
+    make_archive(store, "slowdouble", SLOW_DOUBLE_HANDLER, work=work, config=SLOW_DOUBLE_CONFIG)
+    return store, work
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("v2")
+    store, work = tensor_store(root)
     eager = work / "eager"
     write(eager / "model.py", MLP_PY)
     torch.save(build_mlp().state_dict(), eager / "weights.pt")
     archiver.main(["--model-name", "mlp_eager", "--version", "1.0", "--model-file", str(eager / "model.py"),
                    "--serialized-file", str(eager / "weights.pt"), "--handler", "base_handler",
                    "--config-file", str(work / "model-config.yaml"), "--export-path", str(store)])  # fmt: skip
-    make_archive(store, "multi", MULTI_HANDLER, work=work, config=MULTI_CONFIG)
-    make_archive(store, "slowdouble", SLOW_DOUBLE_HANDLER, work=work, config=SLOW_DOUBLE_CONFIG)
     with running_server(root / "run", store) as srv:
         yield srv
 

@@ -33,6 +33,8 @@ class Generator(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
+        if context.get_request_header(0, "describe") == "True":  # GET /models/{m}?customized=true
+            return [self.describe_handle()]
         ids = [context.get_request_id(i) for i in range(len(data))]
         for gone in set(self.sequences) - set(ids):  # left the batch: finished, failed, or its client went away
             self.release(gone)
@@ -41,6 +43,9 @@ class Generator(BaseHandler):
         chunks = self.iterate(ids, data)
         context.stopping_criteria = [functools.partial(self.finished, rid) for rid in ids]
         return chunks
+
+    def describe_handle(self):
+        return {"continuous": self.continuous, "generating": len(self.sequences)}
 
     def preprocess(self, row):
         """A request's prompt tokens and token count; 400 for a request that cannot be served as sent."""
