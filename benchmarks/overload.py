@@ -8,10 +8,14 @@ Each server gets the harness's .mar, handler file and config.properties (1 worke
 
 * closed loop (wrk, post.lua): --conns (64 = capacity, nothing shed; then 256 and 1,024), then 64 again; a cell's
   goodput is its answered-200/s over the mean of the two capacity cells of the same server start;
-* open loop (hey -q, Go): --open-factor (2) x the capacity just measured, offered from --open-workers workers for
-  --open-seconds (60); per-request rows (hey -o csv) give 200/s, 503/s, other, the median latency of the 503s, the
-  worst 1-s window of 200s after the first 5 s, and the rate hey achieved (a worker waits for its answer, so a
-  server that holds a refused connection back also slows its worker);
+* open loop: --open-factor (2) x the capacity just measured, for --open-seconds (60), from benchmarks/openloop.c
+  (compiled on first use with cc: --open-workers clients on staggered ticks, each request sent when it is due on its
+  client's keep-alive connection, or another idle one, or a new one, at most --open-conns; one C thread, a few us of
+  CPU per request) or, with --open-tool hey, from hey -q (Go: --open-workers workers, each waiting for its answer, so
+  a server that holds a refused connection back also slows its worker, and hey costs ~100 us of CPU per request, too
+  much to offer W1's 2x on two cores); per-request rows
+  give 200/s, 503/s, other, the median latency of the 503s, the worst 1-s window of 200s after the first 5 s, the
+  rate achieved and the generator's CPU;
 * recovery: right after the open loop, closed loop at 64 connections (hey -o csv); the first second whose 200s
   reach 90 % of capacity, and the front end's RSS and open descriptors before the overload and after recovery;
 * servekit only: the worker's busy fraction (handler time / wall time, from /metrics) in each cell.
@@ -72,6 +76,28 @@ def hey(
     return sorted(rows), after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
+def openloop(
+    url: str, body: Path, seconds: float, rate: float, clients: int, max_conns: int, workdir: Path
+) -> tuple[list[Row], float]:
+    """Every request benchmarks/openloop.c offered at ``rate`` (status -1: no connection was free to send it on), and
+    its CPU seconds."""
+    binary = workdir / "openloop"
+    source = Path(__file__).with_name("openloop.c")
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    cmd = [str(binary), host, port, "/" + path, str(body), f"{rate:.1f}", str(seconds), str(clients), str(max_conns), "10"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = [
+        (float(row["offset"]), int(row["status-code"]), float(row["response-time"]))
+        for row in csv.DictReader(io.StringIO(out))
+    ]
+    return rows, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 def recovery(url: str, body: Path) -> dict[str, Any]:
     """Right after an overload: a closed loop of 64 workers (within capacity) for 6 s. Full service is back at the end
     of the last half second with a request that was not answered 200, or answered 200 more than 10x slower than the
@@ -91,11 +117,13 @@ def summarize_open(rows: list[Row], seconds: float, capacity: float) -> dict[str
         if int(offset) < len(windows):
             windows[int(offset)] += 1
     steady = windows[5:] or windows
+    sent = [r for r in rows if r[1] != -1]
     return {
-        "achieved_per_s": round(len(rows) / seconds, 1),
+        "achieved_per_s": round(len(sent) / seconds, 1),
+        "unsent": len(rows) - len(sent),
         "ok_per_s": round(len(ok) / seconds, 1),
         "shed_per_s": round(len(shed) / seconds, 1),
-        "other": len(rows) - len(ok) - len(shed),
+        "other": len(sent) - len(ok) - len(shed),
         "goodput": round(len(ok) / seconds / capacity, 3) if capacity else 0.0,
         "worst_second_goodput": round(min(steady) / capacity, 3) if capacity else 0.0,
         "shed_p50_ms": round(statistics.median(r[2] for r in shed) * 1000, 3) if shed else None,
@@ -181,15 +209,20 @@ def measure(h: ModuleType, cfg: Any, args: argparse.Namespace, server: str, work
             before = resources(front)
             target = args.open_factor * capacity
             busy0, cpu0, t0 = handler_seconds(metrics_port), cpu(h, srv), time.time()
-            rows, hey_cpu = hey(
-                url, body, args.open_seconds, args.open_workers, target / args.open_workers, args.open_phases
-            )
+            if args.open_tool == "hey":
+                rows, gen_cpu = hey(
+                    url, body, args.open_seconds, args.open_workers, target / args.open_workers, args.open_phases
+                )
+            else:
+                rows, gen_cpu = openloop(
+                    url, body, args.open_seconds, target, args.open_workers, args.open_conns, Path(cfg.workdir)
+                )
             wall = time.time() - t0
             cell = summarize_open(rows, args.open_seconds, capacity)
             cell.update(
                 offered_target_per_s=round(target, 1),
                 server_cpu_pct=round((cpu(h, srv) - cpu0) / wall * 100),
-                hey_cpu_pct=round(hey_cpu / wall * 100),
+                generator_cpu_pct=round(gen_cpu / wall * 100),
                 worker_busy_pct=round((handler_seconds(metrics_port) - busy0) / wall * 100),
             )
             cell.update(recovery(url, body), resources_before=before)
@@ -270,7 +303,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--open-seconds", type=int, default=60, help="0 skips the open-loop cell")
     ap.add_argument("--open-factor", type=float, default=2.0)
-    ap.add_argument("--open-workers", type=int, default=1024, help="hey workers; each waits for its answer")
+    ap.add_argument("--open-tool", choices=["openloop", "hey"], default="openloop")
+    ap.add_argument("--open-conns", type=int, default=4096, help="openloop: most connections open at once")
+    ap.add_argument("--open-workers", type=int, default=1024, help="clients (openloop) or workers (hey)")
     ap.add_argument("--open-phases", type=int, default=8, help="hey processes, started a fraction of a tick apart")
     ap.add_argument("--multi", action="store_true", help="also a second model within its capacity")
     ap.add_argument("--multi-rate", type=float, default=200.0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Goodput past capacity (issue 13): servekit and TorchServe 0.12 side by side at 64, 256 and 1,024 closed-loop
-# connections with jobQueueSize 64, an open loop at twice the capacity for 60 s (hey), recovery, and a second model
+# connections with jobQueueSize 64, an open loop at twice the capacity for 60 s (openloop.c), recovery, and a second model
 # within its capacity while the first is overloaded; the same .mar, handler and settings as run.sh (overload.py).
 #
 #   benchmarks/overload.sh                                             # W1 and W2, 3 rounds (~45 min)
