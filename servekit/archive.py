@@ -9,7 +9,10 @@ anything is written, and the staging folder is removed. No handler code is impor
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
+import os
 import re
 import shutil
 import stat
@@ -28,6 +31,7 @@ from servekit.errors import ArchiveError, ArchiveNotFoundError
 MAX_ENTRIES = 100_000
 MAX_TOTAL_BYTES = 64 * 2**30
 MAX_RATIO = 200  # uncompressed/compressed, for entries over 1 MiB
+PARALLEL_BYTES = 4 * 2**20  # zip entries at least this large are extracted in threads, when there are several
 MANIFEST = "MAR-INF/MANIFEST.json"
 ARCHIVE_SUFFIXES = (".mar", ".zip", ".tar.gz", ".tgz", ".model")
 
@@ -114,10 +118,22 @@ def _extract_zip(archive: Path, target: Path) -> None:
                     raise ArchiveError(f"{archive.name}: entry {info.filename!r} is a link or special file")
                 if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                     raise ArchiveError(f"{archive.name}: entry {info.filename!r} has a suspicious compression ratio")
+            large = [info for info in infos if info.file_size >= PARALLEL_BYTES]
             for info in infos:
-                zf.extract(info, target)
+                if info not in large or len(large) == 1:
+                    zf.extract(info, target)
+            if len(large) > 1:  # zlib and file writes release the GIL: large entries inflate side by side
+                for info in large:  # their folders first, so that no two threads create one
+                    (target / info.filename).parent.mkdir(parents=True, exist_ok=True)
+                with concurrent.futures.ThreadPoolExecutor(min(len(large), os.cpu_count() or 1)) as threads:
+                    list(threads.map(functools.partial(_extract_entry, archive, target), large))
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
         raise ArchiveError(f"{archive.name}: corrupt archive ({exc})") from None
+
+
+def _extract_entry(archive: Path, target: Path, info: zipfile.ZipInfo) -> None:
+    with zipfile.ZipFile(archive) as zf:  # one handle per thread: each reads at its own offset
+        zf.extract(info, target)
 
 
 def _extract_tar(archive: Path, target: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import stat
 import struct
 import tarfile
@@ -125,6 +126,21 @@ def test_open_archive_zip_without_manifest_derives_name_from_file(tmp_path: Path
     path = zip_archive(tmp_path / "resnet-18.mar", {"handler.py": b"x"}, manifest=None)
     spec = open_archive(path, staging_root=staging)
     assert (spec.name, spec.version) == ("resnet_18", "1.0")
+    spec.remove_staging()
+
+
+def test_open_archive_extracts_several_large_entries_side_by_side_intact(tmp_path: Path, staging: Path) -> None:
+    size = servekit.archive.PARALLEL_BYTES
+    entries = {f"weights/part{i}.bin": random.Random(i).randbytes(size) for i in range(3)}
+    path = tmp_path / "m.mar"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:  # stored: random bytes do not deflate
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(MANIFEST))
+        for name, data in {**entries, "handler.py": b"x"}.items():
+            archive.writestr(name, data)
+    spec = open_archive(path, staging_root=staging)
+    for name, data in entries.items():
+        assert (spec.model_dir / name).read_bytes() == data
+    assert (spec.model_dir / "handler.py").read_bytes() == b"x"
     spec.remove_staging()
 
 
