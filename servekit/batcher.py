@@ -9,8 +9,11 @@ A request whose caller went away (client disconnect, cancelled task) or whose de
 queued is dropped before it reaches a worker and frees its slot. Every admitted request is answered exactly
 once: with its response, or with the error that failed it.
 
-The batcher does not know about processes: the registry passes in the model's ``Workers`` (the
-pool). Runs in the front-end process; never imports the pool.
+The batcher does not know about processes: the registry passes in the model's pool, which it sees as a
+``BatchRunner``: it waits until a worker is idle (``wait_idle``), takes a batch and hands it over with ``run``, one
+call that returns the batch's result. Which worker runs it, the pipeline of a busy worker and a worker's death are the
+pool's (``servekit.pool``); a batch that fails fails its own requests only. Runs in the front-end process; never
+imports the pool.
 """
 
 from __future__ import annotations
@@ -38,14 +41,29 @@ from servekit.protocol import BatchResult, Failure, MetricRecord, Request, Respo
 logger = logging.getLogger("servekit.batcher")
 W = TypeVar("W")
 REFUSAL_LOG_S = 1.0
-PIPELINE = 2  # batches a busy worker holds while requests wait: the one it runs and the next
+OnChunks = Callable[[list[tuple[int, Response]]], None]
 
 
-class Workers(Protocol[W]):
-    """What the batcher needs from a pool of workers."""
+class BatchRunner(Protocol):
+    """What the batcher needs from a pool of workers: the batcher/pool boundary (issue 16)."""
 
     def unavailable(self) -> str | None:
         """Why no request can be served now (no workers, crash loop), or ``None``."""
+
+    async def wait_idle(self) -> None:
+        """Return once a worker is idle; raises ``ServiceUnavailableError`` while ``unavailable`` and none is."""
+
+    def room(self) -> bool:
+        """Whether ``run`` sends a batch at once (a worker is idle, or a busy one has room in its pipeline)."""
+
+    def run(self, requests: list[Request], on_chunks: OnChunks) -> Awaitable[BatchResult]:
+        """Run a batch (sent before this returns when there is ``room``); the awaitable gives its result, with the
+        chunks of streamed responses through ``on_chunks`` as they come, or raises the ``ServekitError`` that failed
+        it (its worker died: ``WorkerDiedError``). Awaited to its end."""
+
+
+class Workers(BatchRunner, Protocol[W]):
+    """What a batcher that holds workers (continuous and sequence batching: lanes) needs besides."""
 
     def acquire(self) -> Awaitable[W]: ...
 
@@ -54,9 +72,7 @@ class Workers(Protocol[W]):
     def send(self, worker: W, requests: list[Request]) -> None:
         """Hand an acquired worker a batch."""
 
-    async def collect(
-        self, worker: W, n_requests: int, on_chunks: Callable[[list[tuple[int, Response]]], None]
-    ) -> BatchResult:
+    async def collect(self, worker: W, n_requests: int, on_chunks: OnChunks) -> BatchResult:
         """The result of the batch last sent to ``worker``; raises the ``ServekitError`` that lost the worker."""
 
     def keeps(self, worker: W) -> bool:
@@ -91,7 +107,7 @@ class Batcher(Generic[W]):
     """Queue, batch and dispatch the requests of one model version."""
 
     def __init__(
-        self, model: str, workers: Workers[W], batch_size: int, queue_size: int, observer: BatchObserver
+        self, model: str, workers: BatchRunner, batch_size: int, queue_size: int, observer: BatchObserver
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -187,15 +203,21 @@ class Batcher(Generic[W]):
                 await self._arrival.wait()
                 continue
             try:
-                worker = await self._workers.acquire()
+                await self._workers.wait_idle()
             except ServiceUnavailableError as exc:
                 self._fail_queued(ServiceUnavailableError(f'Model "{self.model}" {exc.message}'))
                 continue
+            self._start()
+
+    def _start(self) -> None:
+        """Hand the pool batches while requests wait and it takes them at once: to idle workers, then into the
+        pipeline of busy ones, so that a worker starts the next batch the moment it is done."""
+        while self._queue and self._workers.room():
             batch = self._take_batch()
             if not batch:
-                self._workers.release(worker)
-                continue
-            task = asyncio.get_running_loop().create_task(self._execute(worker, batch))
+                return
+            result = self._workers.run([p.request for p in batch], functools.partial(self._stream, batch))
+            task = asyncio.get_running_loop().create_task(self._finish(batch, result))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -211,49 +233,19 @@ class Batcher(Generic[W]):
                 self._observer.queued(now - pending.arrival)
         return batch
 
-    async def _execute(self, worker: W, batch: list[Pending]) -> None:
-        """Run ``batch`` on ``worker``, then the next batches while requests wait, without a round through the
-        dispatcher. While requests wait, the worker holds ``PIPELINE`` batches: the one it runs and the next, sent
-        before the first one's result is read, so that it starts the next the moment it is done, however busy the
-        event loop is (under overload one turn of the loop can outlast a batch: issue 13). Batches queued behind the
-        one that lost the worker never ran: they go back to the head of the queue."""
-        sent = time.perf_counter()
-        inflight = collections.deque([(batch, sent)])
-        self._workers.send(worker, [p.request for p in batch])
-        while inflight:
-            self._refill(worker, inflight)
-            head, sent = inflight[0]
-            try:
-                result = await self._workers.collect(worker, len(head), functools.partial(self._stream, head))
-            except ServekitError as exc:
-                self._fail(head, exc)
-                for later, _ in list(inflight)[1:]:
-                    self._requeue(later)
-                return  # the pool replaces the worker
-            done = time.perf_counter()
-            inflight.popleft()
-            if inflight:  # the next batch started when this one ended, not when it was sent
-                inflight[0] = (inflight[0][0], done)
-            self._refill(worker, inflight)  # before this batch's responses are written
-            self._answer(head, result, (done - sent) * 1000)
-        self._workers.release(worker)
-
-    def _refill(self, worker: W, inflight: collections.deque[tuple[list[Pending], float]]) -> None:
-        while len(inflight) < PIPELINE and self._queue and self._workers.keeps(worker):
-            batch = self._take_batch()
-            if not batch:
-                return
-            self._workers.send(worker, [p.request for p in batch])
-            inflight.append((batch, time.perf_counter()))
-
-    def _requeue(self, batch: list[Pending]) -> None:
-        if self._dispatcher.done():  # closed (unregistered): nothing would take them from the queue again
-            self._fail(batch, ServiceUnavailableError(f'Model "{self.model}" was unregistered'))
+    async def _finish(self, batch: list[Pending], running: Awaitable[BatchResult]) -> None:
+        """Answer ``batch`` once its result is in, after handing the pool the next batches (before this one's
+        responses are written: issue 13)."""
+        try:
+            result = await running
+        except ServiceUnavailableError as exc:  # no worker was left to run it
+            self._fail(batch, ServiceUnavailableError(f'Model "{self.model}" {exc.message}'))
             return
-        for pending in reversed(batch):
-            if not pending.future.done():
-                self._queue.appendleft(pending)
-        self._arrival.set()
+        except ServekitError as exc:
+            self._fail(batch, exc)
+            return
+        self._start()
+        self._answer(batch, result, result.roundtrip_ms)
 
     def _answer(self, batch: list[Pending], result: BatchResult, roundtrip_ms: float) -> None:
         self._observer.batch(len(batch), result.handler_ms, roundtrip_ms, result.metrics)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servekit import protocol
-from servekit.errors import HandlerError, ProtocolError, ResponseTimeoutError, WorkerDiedError
+from servekit.errors import HandlerError, ProtocolError, ResponseTimeoutError, ServekitError, WorkerDiedError
 from servekit.forkserver import ForkedProcess, ForkServer
 from servekit.inputs import InputCheck
 
@@ -205,32 +205,18 @@ class WorkerProcess:
 
     async def receive_batch(self, n_requests: int, on_chunks: OnChunks | None = None) -> protocol.BatchResult:
         """The result of the batch of ``n_requests`` sent last; raises ``WorkerDiedError``/``ResponseTimeoutError``
-        after which the worker is dead. Chunks of streamed responses go to ``on_chunks`` as they come;
+        after which the worker is dead (``_lose``). Chunks of streamed responses go to ``on_chunks`` as they come;
         ``response_timeout`` bounds the wait for each frame."""
         try:
             while True:
-                async with asyncio.timeout(self.settings.response_timeout):  # no extra task, unlike wait_for
-                    header, parts = await self._receive(n_requests)
+                header, parts = await self._frame(n_requests)
                 if header.get("op") != "partial":
-                    break
+                    return protocol.decode_result(header, parts, n_requests)
                 if on_chunks is None:
                     raise ProtocolError("streamed chunks where none were expected")
                 on_chunks(protocol.decode_partial(header, parts, n_requests))
-        except TimeoutError:
-            await self.kill()
-            raise ResponseTimeoutError(
-                f"Model {self.command.model_name} did not answer within "
-                f"response_timeout={self.settings.response_timeout:g}s; its worker was restarted"
-            ) from None
-        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            code = await self.kill()
-            reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
-            raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
-        try:
-            return protocol.decode_result(header, parts, n_requests)
-        except ProtocolError as exc:
-            await self.kill()
-            raise WorkerDiedError(f"Worker of model {self.command.model_name} sent a bad frame: {exc}") from None
+        except (TimeoutError, ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise await self._lose(exc) from None
 
     def send_drop(self, request_ids: list[str]) -> None:
         """Ask the worker (continuous batching) to drop these requests at its next iteration."""
@@ -242,19 +228,28 @@ class WorkerProcess:
         ``WorkerDiedError``/``ResponseTimeoutError`` as ``receive_batch`` does (``response_timeout`` bounds each
         iteration), after which the worker is dead."""
         try:
-            async with asyncio.timeout(self.settings.response_timeout):
-                header, parts = await self._receive(max(1, len(running)))
+            header, parts = await self._frame(max(1, len(running)))
             return protocol.decode_step(header, parts, running)
-        except TimeoutError:
-            await self.kill()
-            raise ResponseTimeoutError(
-                f"Model {self.command.model_name} did not answer within "
-                f"response_timeout={self.settings.response_timeout:g}s; its worker was restarted"
-            ) from None
-        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            code = await self.kill()
-            reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
-            raise WorkerDiedError(f"Worker died while running model {self.command.model_name}: {reason}") from None
+        except (TimeoutError, ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise await self._lose(exc) from None
+
+    async def _frame(self, n_requests: int) -> tuple[dict[str, object], list[memoryview]]:
+        """The next frame, within ``response_timeout``."""
+        async with asyncio.timeout(self.settings.response_timeout):  # no extra task, unlike wait_for
+            return await self._receive(n_requests)
+
+    async def _lose(self, exc: BaseException) -> ServekitError:
+        """Kill the worker after what broke its answer (a missed ``response_timeout``, a malformed frame, a closed
+        socket) and return the error its batch fails with: the one place a receive turns into a death."""
+        code = await self.kill()
+        model = self.command.model_name
+        if isinstance(exc, TimeoutError):
+            return ResponseTimeoutError(
+                f"Model {model} did not answer within response_timeout={self.settings.response_timeout:g}s;"
+                " its worker was restarted"
+            )
+        reason = str(exc) if isinstance(exc, ProtocolError) else describe_exit(code)
+        return WorkerDiedError(f"Worker died while running model {model}: {reason}")
 
     async def _send(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         assert self._writer is not None

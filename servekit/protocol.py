@@ -99,6 +99,7 @@ class BatchResult:
     outcome: list[Response] | Failure
     handler_ms: float = 0.0
     metrics: tuple[MetricRecord, ...] = ()
+    roundtrip_ms: float = 0.0  # front end only (the pool's): from when the worker could start the batch to its result
 
 
 MAX_RECORDS = 1000  # metric records per batch; more is a protocol error

@@ -1,10 +1,12 @@
 """The frame protocol between the front end and a worker (``servekit.protocol``), in process, without a worker: every
 message survives a round trip, and whatever a broken or hostile worker sends (truncated frames, wrong lengths, headers
 that are not JSON or not the right shape, random bytes) is a ``ProtocolError``, never another exception and never a
-hang. Seeded, so a failure reproduces."""
+hang; read from a worker's stream (``WorkerProcess.receive_batch``), it kills the worker with a ``WorkerDiedError``
+that says why. Seeded, so a failure reproduces."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import threading
@@ -14,8 +16,9 @@ import orjson
 import pytest
 
 from servekit import protocol
-from servekit.errors import ProtocolError
-from servekit.protocol import BatchResult, Failure, Field, MetricRecord, Request, Response
+from servekit.errors import ProtocolError, ResponseTimeoutError, WorkerDiedError
+from servekit.process import PoolSettings, WorkerProcess
+from servekit.protocol import BatchResult, Failure, Field, LoadCommand, MetricRecord, Request, Response, Step
 
 REQUESTS = [
     Request("a", {"content-type": "application/json"}, (Field("body", "application/json", b'{"x": 1}'),)),
@@ -92,8 +95,13 @@ def decode_anything(body: bytes) -> None:
     header, parts = protocol.decode(body)
     if header.get("op") == "partial":
         protocol.decode_partial(header, parts, 4)
+    elif header.get("op") == "step":
+        protocol.decode_step(header, parts, {"a", "b", "c"})
     else:
         protocol.decode_result(header, parts, len(parts))
+
+
+STEP = Step((("a", RESPONSES[0], False), ("b", RESPONSES[1], True)), ("c",), True, 2.5)
 
 
 def test_protocol_fuzz_malformed_frames_only_ever_raise_protocol_error() -> None:
@@ -102,6 +110,7 @@ def test_protocol_fuzz_malformed_frames_only_ever_raise_protocol_error() -> None
         body_of(protocol.encode_result(BatchResult(RESPONSES, 1.0))),
         body_of(protocol.encode_result(BatchResult(Failure(500, "ValueError", "x", "tb")))),
         body_of(protocol.encode_partial([(1, RESPONSES[0])])),
+        body_of(protocol.encode_step(STEP)),
     ]
     not_headers: list[Any] = [{"parts": [1, 2]}, {"parts": "x"}, [], 5, {"parts": [-1]}, {}]
     header_only = [orjson.dumps(h) for h in not_headers]
@@ -153,3 +162,77 @@ def test_protocol_send_and_receive_whole_frames_over_a_socket() -> None:
     with pytest.raises(ProtocolError, match="closed inside a frame"):
         protocol.recv_frame(right)
     right.close()
+
+
+def test_protocol_step_round_trips_and_names_only_running_requests() -> None:
+    header, parts = protocol.decode(body_of(protocol.encode_step(STEP)))
+    assert protocol.decode_step(header, parts, {"a", "b", "c"}) == STEP
+    with pytest.raises(ProtocolError, match="not running"):
+        protocol.decode_step(header, parts, {"a", "b"})
+
+
+async def receive(stream: bytes, eof: bool = True, response_timeout: float = 60) -> BatchResult:
+    """What the front end makes of ``stream`` as a worker's answer to a batch of 3 (``WorkerProcess.receive_batch``
+    over an in-process stream: no process, no socket)."""
+    settings = PoolSettings(response_timeout=response_timeout, startup_timeout=60, max_response_size=10_000)
+    worker = WorkerProcess(LoadCommand("m", "/nonexistent", "handler", {}, {}, 3, None, 1), settings)
+    reader = asyncio.StreamReader()
+    reader.feed_data(stream)
+    if eof:
+        reader.feed_eof()
+    worker._reader = reader
+    return await worker.receive_batch(3, lambda chunks: None)
+
+
+def test_protocol_fuzz_a_worker_stream_is_answered_or_its_worker_dies_clearly() -> None:
+    """Whatever bytes a worker sends (random, cut short, lengths that lie, a frame past ``max_response_size``), the
+    front end gets the batch's result or ``WorkerDiedError`` saying why, and never waits past the stream's end."""
+    rng = random.Random(4321)
+    whole = b"".join(bytes(b) for b in protocol.encode_result(BatchResult(RESPONSES, 1.0)))
+    partial = b"".join(bytes(b) for b in protocol.encode_partial([(0, RESPONSES[0])]))
+
+    async def fuzz() -> tuple[int, int]:
+        answered = died = 0
+        for _ in range(1500):
+            stream = bytearray(rng.choice([whole, partial + whole, partial]))
+            mutation = rng.randrange(5)
+            if mutation == 0:  # cut short
+                stream = stream[: rng.randrange(len(stream))]
+            elif mutation == 1:  # flip bytes
+                for _ in range(rng.randrange(1, 8)):
+                    stream[rng.randrange(len(stream))] = rng.randrange(256)
+            elif mutation == 2:  # a frame length that lies, up to the largest
+                stream[0:4] = protocol.LENGTH.pack(rng.choice([0, 1, 7, 2**31, 2**32 - 1, rng.randrange(len(stream))]))
+            elif mutation == 3:  # random bytes
+                stream = bytearray(rng.randbytes(rng.randrange(64)))
+            try:
+                result = await receive(bytes(stream))
+            except WorkerDiedError as exc:
+                assert exc.message.startswith("Worker died while running model m: ")
+                died += 1
+            else:
+                assert isinstance(result, BatchResult)
+                answered += 1
+        return answered, died
+
+    answered, died = asyncio.run(asyncio.wait_for(fuzz(), 30))
+    assert died > 1000 and answered + died == 1500
+
+
+@pytest.mark.parametrize(
+    ("stream", "words"),
+    [
+        (protocol.LENGTH.pack(2**32 - 1), "exceeds the limit"),
+        (protocol.LENGTH.pack(100) + b"short", "no process"),  # the stream ended inside the frame
+        (protocol.LENGTH.pack(8) + protocol.LENGTH.pack(4) + b"nope", "not JSON"),
+        (b"", "no process"),
+    ],
+)
+def test_protocol_malformed_worker_streams_kill_the_worker_with_the_reason(stream: bytes, words: str) -> None:
+    with pytest.raises(WorkerDiedError, match=words):
+        asyncio.run(receive(stream))
+
+
+def test_protocol_a_worker_that_stops_mid_frame_misses_its_response_timeout() -> None:
+    with pytest.raises(ResponseTimeoutError, match=r"response_timeout=0\.001s"):
+        asyncio.run(receive(protocol.LENGTH.pack(100) + b"part", eof=False, response_timeout=0.001))

@@ -26,7 +26,7 @@ from tests.helpers import Server, make_archive, running_server
 QUEUE = 3
 BURST = 11  # with the request holding the worker, 12 in all: 1 + QUEUE served, the rest refused
 QUEUE_FULL_MESSAGE = f'Model "gated" queue full: {QUEUE} requests waiting (job_queue_size={QUEUE})'
-QUEUE_FULL = {"code": 503, "type": "QueueFullError", "message": QUEUE_FULL_MESSAGE}
+QUEUE_FULL = {"code": 503, "type": "ServiceUnavailableException", "message": QUEUE_FULL_MESSAGE}
 
 # Echoes each body with the bodies seen so far (their first 40 characters); "gate/tag" waits for the file GATES/gate.
 GATED_HANDLER = """
@@ -122,7 +122,7 @@ def worker_held(server: Server, gates: Path, gate: str, pool: ThreadPoolExecutor
     """The gated model's worker held in its handler by request ``gate/primer`` until the block ends, then let go; the
     primer's response is yielded. Held before the rest arrive, the worker took nothing more with it, so exactly
     ``QUEUE`` more are admitted (a worker that is sent a burst while idle may also take the next batch into its
-    pipeline, ``batcher.PIPELINE``, and admit one more, depending on timing)."""
+    pipeline, ``pool.PIPELINE``, and admit one more, depending on timing)."""
     primer = pool.submit(post, server, "gated", f"{gate}/primer")
     try:
         assert wait_until((gates / f"{gate}.entered").exists), "the primer never reached the handler"
