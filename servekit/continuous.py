@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from servekit import oip, protocol
@@ -237,9 +237,17 @@ class IterationLoop:
             self.outbox.append((stream.id, protocol.Response(failure.status, "application/json", body), True))
 
     def _intermediate(self, chunks: list[tuple[int, protocol.Response]]) -> None:
-        """Chunks a call sends before it returns (``send_intermediate_response``, a generator's items)."""
-        step = protocol.Step(tuple((self.current[i].id, response, False) for i, response in chunks), iteration=False)
-        protocol.send_frame(self.sock, protocol.encode_step(step))
+        """Chunks a call sends before it returns (``send_intermediate_response``, a generator's items), each with
+        ``ts_stream_next: true`` as TorchServe sends them; but empty ones: a handler sends those for the requests of
+        its batch that have nothing new (TorchServe's handlers name the others in
+        ``send_intermediate_predict_response``'s ``req_id_map``), and a stream has nothing to send for them."""
+        sent = tuple(
+            (self.current[i].id, replace(response, headers={**response.headers, STREAM_NEXT: "true"}), False)
+            for i, response in chunks
+            if response.payload or response.status >= 400
+        )
+        if sent:
+            protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(sent, iteration=False)))
 
     def _send(self, iteration: bool, handler_ms: float = 0.0) -> None:
         records = tuple(protocol.MetricRecord(*record) for record in self.worker.context.metrics.take())

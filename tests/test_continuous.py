@@ -49,7 +49,7 @@ def handle(data, context):
     if any(modes[rid].get("explode_at") == left[rid] for rid in ids):
         raise RuntimeError("the model fell over")
     if any(modes[rid].get("extra") for rid in ids):
-        context.send_intermediate_response([f"extra {rid}" for rid in ids])
+        context.send_intermediate_response([f"extra {rid}" if modes[rid].get("extra") else "" for rid in ids])
     out = []
     for i, rid in enumerate(ids):
         left[rid] -= 1
@@ -219,11 +219,13 @@ def test_the_header_ts_stream_next_keeps_a_request_going(driver: Driver) -> None
 
 
 def test_intermediate_chunks_go_out_before_the_iteration_ends(driver: Driver) -> None:
-    driver.send({"name": "x", "n": 1, "extra": True})
+    driver.send({"name": "x", "n": 1, "extra": True}, {"name": "y", "n": 1})
     driver.tick()
     inside, end = driver.step(), driver.step()
+    # y's chunk is empty: nothing to stream; x's goes on, as TorchServe marks an intermediate chunk
     assert (inside.iteration, texts(inside)) == (False, {"x": (200, "extra x", False)})
-    assert (end.iteration, texts(end)) == (True, {"x": (200, "x:0", True)})
+    assert [response.headers["ts_stream_next"] for _, response, _ in inside.chunks] == ["true"]
+    assert (end.iteration, texts(end)) == (True, {"x": (200, "x:0", True), "y": (200, "y:0", True)})
 
 
 def test_a_malformed_body_is_answered_at_once(driver: Driver) -> None:

@@ -116,13 +116,13 @@ class GrpcPort:
         if inspect.isasyncgenfunction(behaviour):
 
             async def streamed(request: Any, context: Context) -> AsyncIterator[Any]:
-                call = _Call()
+                call = _Call(context.peer())
                 try:
                     if checked:
                         self._authorize(context)
                     async for response in behaviour(request, context):
                         yield response
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed before its last response
                     call.code = grpc.StatusCode.CANCELLED
                     raise
                 except grpc.aio.AbortError:
@@ -130,12 +130,12 @@ class GrpcPort:
                 except Exception as exc:
                     await fail(context, exc, call)
                 finally:
-                    self._log(context, method, call)
+                    self._log(method, call)
 
             return streamed
 
         async def unary(request: Any, context: Context) -> Any:
-            call = _Call()
+            call = _Call(context.peer())
             try:
                 if checked:
                     self._authorize(context)
@@ -148,7 +148,7 @@ class GrpcPort:
             except Exception as exc:
                 await fail(context, exc, call)
             finally:
-                self._log(context, method, call)
+                self._log(method, call)
 
         return unary
 
@@ -159,13 +159,13 @@ class GrpcPort:
         key = next((str(v) for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         self.tokens.check(self.kind, key)
 
-    def _log(self, context: Context, method: str, call: _Call) -> None:
+    def _log(self, method: str, call: _Call) -> None:
         """TorchServe's access-log line for a gRPC call: ``/<ip>:<port> "gRPC <method> HTTP/2.0" <code> <ms>``."""
         if not self.access_log:
             return
         if self._write is None:  # resolved at the first line: logging is set up after the ports are built
             self._write = logs.info_writer(access_logger) or access_logger.info
-        peer = context.peer().partition(":")[2]  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
+        peer = call.peer.partition(":")[2]  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
         elapsed_ms = (time.perf_counter() - call.start) * 1000
         self._write(f'/{peer} "gRPC {method} HTTP/2.0" {call.code.value[0]} {elapsed_ms:.2f}ms')
 
@@ -181,10 +181,14 @@ def _bind_error(host: str, port: int) -> str:
 
 
 class _Call:
-    """How a call ended, for its access-log line."""
+    """How a call ended, for its access-log line. The peer is read when the call starts: grpcio's aio server frees the
+    core call (``rpc_state.call = NULL``) once the call's task has ended, and a streaming method left suspended at a
+    ``yield`` (the client cancelled while grpcio was sending a response) is closed later, by the event loop's
+    async-generator finalizer; ``context.peer()`` there dereferences NULL and the process dies of SIGSEGV."""
 
-    __slots__ = ("code", "start")
+    __slots__ = ("code", "peer", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str) -> None:
         self.code = grpc.StatusCode.OK
+        self.peer = peer
         self.start = time.perf_counter()
