@@ -87,7 +87,18 @@ def openloop(
         subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
     host_port, _, path = url.removeprefix("http://").partition("/")
     host, _, port = host_port.partition(":")
-    cmd = [str(binary), host, port, "/" + path, str(body), f"{rate:.1f}", str(seconds), str(clients), str(max_conns), "10"]
+    cmd = [
+        str(binary),
+        host,
+        port,
+        "/" + path,
+        str(body),
+        f"{rate:.1f}",
+        str(seconds),
+        str(clients),
+        str(max_conns),
+        "10",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

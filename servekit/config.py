@@ -154,6 +154,16 @@ class Settings:
     decode_input_request: bool = True
     """Decode request values for the handler as TorchServe does (``application/json``: the parsed JSON,
     ``text/*``: ``str``, else ``bytearray``); false passes every value as ``bytearray``."""
+    ts_header_key_sequence_id: str = "ts_request_sequence_id"
+    """Sequence batching (model-config ``sequenceBatching: true``): the request header that names a request's sequence,
+    and the response header that gives it back; the handler sees the id under this name, and
+    ``context.get_sequence_id(idx)`` returns it."""
+    ts_header_key_sequence_start: str = "ts_request_sequence_start"
+    """Sequence batching: the header, ``true``, that the handler sees on the first request of a sequence."""
+    ts_header_key_sequence_end: str = "ts_request_sequence_end"
+    """Sequence batching: a request with this header set to ``true`` is its sequence's last; a handler that sets it on
+    an answer (to the sequence id, or ids separated by ``;``) closes those sequences, as in TorchServe. gRPC
+    ``StreamPredictions2`` reads it from the request's inputs."""
     service_envelope: str | None = None
     """Wrap every model's handler in one of TorchServe's request envelopes: ``kserve`` (a body's ``instances`` are
     the handler's data, its results answered as ``{"predictions": [...]}``) or ``kservev2`` (the Open Inference
@@ -226,6 +236,8 @@ _BOOL_KEYS = ("decode_input_request", "disable_token_authorization", "enable_mod
 _GRPC_KEYS = ("grpc_inference_address", "grpc_inference_port", "grpc_management_address", "grpc_management_port")
 _TLS_PATH_KEYS = ("private_key_file", "certificate_file", "keystore", "client_ca_file")
 _CORS_KEYS = ("cors_allowed_origin", "cors_allowed_methods", "cors_allowed_headers")
+_SEQUENCE_KEYS = ("ts_header_key_sequence_id", "ts_header_key_sequence_start", "ts_header_key_sequence_end")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
 # the environment variables that supply token authorization's keys (``servekit.api.keys``), by kind; always read
 KEY_VARIABLES = {
     "inference": "SERVEKIT_INFERENCE_KEY",
@@ -243,6 +255,7 @@ _ENV_KEYS = (
     "keystore_pass",
     "keystore_type",
     *_CORS_KEYS,
+    *_SEQUENCE_KEYS,
     "model_store",
     "load_models",
     "number_of_gpu",
@@ -420,6 +433,12 @@ def settings_from(values: Mapping[str, str]) -> Settings:
     for key in _CORS_KEYS:
         if values.get(key):
             kwargs[key] = _header_value(key, values[key])
+    for key in _SEQUENCE_KEYS:
+        if values.get(key):
+            name = values[key].strip()
+            if not _TOKEN.fullmatch(name):
+                raise ConfigError(f"{key}: not a valid HTTP header name: {values[key]!r}")
+            kwargs[key] = name
     return Settings(raw=dict(values), **kwargs)  # type: ignore[arg-type]
 
 

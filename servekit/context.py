@@ -86,6 +86,11 @@ class Context:
         self.stopping_criteria: Any = None
         self.cl_socket: Any = None
         self.intermediate: Callable[[list[Any], int], None] | None = None  # set by the worker for each batch
+        # Sequence batching: the header names TorchServe's handlers read through the context. The front end sends the
+        # sequence id and start under these names whatever ts_header_key_sequence_* say (docs/handlers.md).
+        self.header_key_sequence_id = "ts_request_sequence_id"
+        self.header_key_sequence_start = "ts_request_sequence_start"
+        self.header_key_sequence_end = "ts_request_sequence_end"
 
     def send_intermediate_response(self, values: list[Any], code: int = 200) -> None:
         """Send ``values[i]`` to the client of request ``i`` of the batch now, as one chunk of a streamed (chunked)
@@ -130,5 +135,6 @@ class Context:
         self.request_processor[idx].add_response_property(key, value)
 
     def get_sequence_id(self, idx: int) -> str | None:
-        sequence_id = self.request_processor[idx].get_request_property("ts_request_sequence_id")
+        """The id of request ``idx``'s sequence (sequence batching), else that header if sent, else ``None``."""
+        sequence_id = self.request_processor[idx].get_request_property(self.header_key_sequence_id)
         return None if sequence_id is None else str(sequence_id)

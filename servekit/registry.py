@@ -27,7 +27,7 @@ from servekit.continuous_batcher import ContinuousBatcher
 from servekit.errors import (
     BadRequestError,
     ConflictError,
-    ForbiddenError,
+    DefaultVersionError,
     HandlerError,
     ModelNotFoundError,
     ModelVersionNotFoundError,
@@ -42,6 +42,7 @@ from servekit.oip import TensorSpec, specs_from_config
 from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
 from servekit.protocol import Failure, LoadCommand, Request, Response, continuous_batching, failure_message
+from servekit.sequence_batcher import DEFAULT_KEYS, SequenceBatcher, SequenceKeys, sequence_batching, sequence_policy
 
 logger = logging.getLogger("servekit.registry")
 
@@ -143,9 +144,22 @@ def torch_threads(workers: int) -> int:
 
 
 def new_batcher(
-    spec: ModelSpec, pool: WorkerPool, settings: ModelSettings, metrics: ModelMetrics
+    spec: ModelSpec,
+    pool: WorkerPool,
+    settings: ModelSettings,
+    metrics: ModelMetrics,
+    keys: SequenceKeys = DEFAULT_KEYS,
 ) -> Batcher[WorkerProcess]:
-    """The model's queue: a ``ContinuousBatcher`` when its model config says ``continuousBatching: true``."""
+    """The model's queue: a ``ContinuousBatcher`` when its model config says ``continuousBatching: true``, a
+    ``SequenceBatcher`` (with the header names ``keys``) when it says ``sequenceBatching: true``; both is refused."""
+    if sequence_batching(spec.config):
+        if continuous_batching(spec.config):
+            raise BadRequestError(
+                f"model config of {spec.name}: sequenceBatching with continuousBatching (TorchServe's"
+                " SequenceContinuousBatching) is not supported; set one of them"
+            )
+        policy = sequence_policy(spec.config, settings.batch_size, settings.max_workers, keys)
+        return SequenceBatcher(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics, policy)
     kind = ContinuousBatcher if continuous_batching(spec.config) else Batcher
     return kind(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics)
 
@@ -195,6 +209,11 @@ class ModelRegistry:
         self.draining = False
         # The zygote that workers are forked from (servekit.forkserver); the server starts it (``forks.start``).
         self.forks = ForkServer() if settings.fork_workers and forkserver.supported() else None
+        self.sequence_keys = SequenceKeys(  # sequence batching's header names (servekit.sequence_batcher)
+            settings.ts_header_key_sequence_id,
+            settings.ts_header_key_sequence_start,
+            settings.ts_header_key_sequence_end,
+        )
 
     def get(self, name: str, version: str | None = None) -> Model:
         versions = self._models.get(name)
@@ -320,7 +339,7 @@ class ModelRegistry:
             self.metrics.worker_loaded(f"{worker.name}_{spec.version}", seconds)
 
         pool = WorkerPool(command_for, pool_settings, loaded)
-        batcher = new_batcher(spec, pool, model_settings, model_metrics)
+        batcher = new_batcher(spec, pool, model_settings, model_metrics, self.sequence_keys)
         model = Model(
             spec, model_settings, url, pool, batcher, model_metrics, inputs, outputs, loaded_at_startup, downloaded
         )
@@ -431,7 +450,7 @@ class ModelRegistry:
         unregister removes it. The default version cannot go while other versions remain."""
         model = self.get(name, version)
         if len(self._models[name]) > 1 and self._defaults[name] == model.version:
-            raise ForbiddenError(f"Cannot remove default version for model {name}")
+            raise DefaultVersionError(f"Cannot remove default version for model {name}")
         timeout = self.settings.unregister_model_timeout
         deadline = time.monotonic() + timeout
         self._detach(model)
@@ -475,7 +494,7 @@ class ModelRegistry:
             return
         model.settings = replace(model.settings, min_workers=0, max_workers=0)
         model.pool.reopen()
-        model.batcher = new_batcher(model.spec, model.pool, model.settings, model.metrics)
+        model.batcher = new_batcher(model.spec, model.pool, model.settings, model.metrics, self.sequence_keys)
         versions[model.version] = model
         self._defaults.setdefault(model.name, model.version)
 

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp
 from servekit import logs, snapshot
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
-from servekit.api.http import DirectRoute, protocol_with
+from servekit.api.http import NO_CACHE, DirectRoute, protocol_with
 from servekit.api.inference import create_inference_app
 from servekit.api.keys import supplied_keys
 from servekit.api.management import create_management_app
@@ -255,7 +255,7 @@ async def serve(settings: Settings) -> int:
                 proxy_headers=False,  # the access log names the peer, as TorchServe's does
                 log_level="warning",
                 timeout_graceful_shutdown=int(settings.drain_timeout),
-                headers=cors_headers(settings),
+                headers=[*cors_headers(settings), *NO_CACHE.items()],  # on every answer, as TorchServe's
             )
         )
         for app, a, direct in apps

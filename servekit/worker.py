@@ -29,6 +29,7 @@ import orjson
 
 from servekit import oip, protocol
 from servekit.continuous import IterationLoop
+from servekit.encoding import handler_json
 from servekit.envelope import wrap
 from servekit.errors import error_body
 from servekit.handler import DEFAULT_HANDLER, Context, EntryPoint, PredictionException, RequestProcessor, load_handler
@@ -71,10 +72,7 @@ def encode_value(value: Any) -> tuple[bytes, str | None]:
         buffer = io.BytesIO()
         torch.save(value, buffer)
         return buffer.getvalue(), "application/octet-stream"
-    try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS), "application/json"
-    except TypeError:  # what orjson cannot encode: integers over 64 bits, other types (json raises for those too)
-        return json.dumps(value, separators=(",", ":")).encode(), "application/json"
+    return handler_json(value), "application/json"  # TorchServe's bytes (json.dumps(value, indent=2)); TypeError
 
 
 Partial = Callable[[list[tuple[int, protocol.Response]]], None]

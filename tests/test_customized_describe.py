@@ -168,7 +168,7 @@ def test_customized_describe_of_a_failing_handler_is_its_error_and_the_worker_se
     response = describe(server, "/models/described?customized=true", "raise")
     assert response.status_code == 500
     body = response.json()
-    assert body["type"] == "HandlerError" and "RuntimeError: cannot describe" in body["message"]
+    assert body["type"] == "InternalServerException" and "RuntimeError: cannot describe" in body["message"]
     assert server.post("/predictions/described", content=b"x").text == "predicted"
     assert only(describe(server, "/models/described?customized=true"))["customizedMetadata"]["kind"] == "dict"
 
@@ -189,7 +189,7 @@ def test_customized_describe_without_a_worker_is_503(server: Server) -> None:
     for path in ("/models/idle?customized=true", "/models/idle/1.0?customized=true"):
         response = describe(server, path)
         assert response.status_code == 503, response.text
-        assert response.json() == {"code": 503, "type": "ServiceUnavailableError", "message": message}
+        assert response.json() == {"code": 503, "type": "ServiceUnavailableException", "message": message}
     assert "customizedMetadata" not in only(describe(server, "/models/idle"))
 
 

@@ -194,7 +194,7 @@ def test_download_to_a_refused_address_is_400_naming_the_rule_and_connects_nowhe
     }
     response = register(server, url.format(**ports))
     assert response.status_code == 400, response.text
-    assert response.json()["type"] == "DownloadError"
+    assert response.json()["type"] == "DownloadArchiveException"
     message = response.json()["message"]
     assert words in message, message
     if " address" in words:  # the exception is named too

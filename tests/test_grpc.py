@@ -220,7 +220,7 @@ def test_grpc_errors_have_torchserves_status_codes(inference: Any, ts: dict[str,
     code, message = failure(inference.Predictions, request(ts, "echo", fail="1"))
     assert code == grpc.StatusCode.INTERNAL and "ValueError: asked to fail" in message
     code, message = failure(inference.Predictions, request(ts, "echo", status="404"))
-    assert code == grpc.StatusCode.NOT_FOUND and '"status":"404"' in message  # the handler's status
+    assert code == grpc.StatusCode.NOT_FOUND and '"status": "404"' in message  # the handler's status (its JSON)
     code, message = failure(list, inference.StreamPredictions(request(ts, "missing")))
     assert code == grpc.StatusCode.NOT_FOUND
 

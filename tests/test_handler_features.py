@@ -122,7 +122,7 @@ def test_invalid_input_from_a_handler_is_a_400_with_its_message(server: Server) 
     response = server.post("/predictions/strict", json={"x": 0})
     assert response.status_code == 400, response.text
     # the message alone, as TorchServe sends a PredictionException's (InvalidInput is one)
-    assert response.json() == {"code": 400, "type": "HandlerError", "message": "x must not be zero"}
+    assert response.json() == {"code": 400, "type": "InternalServerException", "message": "x must not be zero"}
     assert server.post("/predictions/strict", json={"x": 21}).json()["doubled"] == 42  # still serving
 
 

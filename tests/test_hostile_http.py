@@ -98,8 +98,7 @@ def test_hostile_http_chunked_body_over_the_limit_is_413(server: Server) -> None
             yield b"z" * 1000
 
     response = server.post("/predictions/echo", content=chunks())
-    assert response.status_code == 413
-    assert "max_request_size=50000" in response.json()["message"]
+    assert response.status_code == 413 and response.content == b""  # TorchServe's 413 has no body
     assert_serving(server)
 
 

@@ -112,7 +112,7 @@ def test_supplied_key_file_is_accepted_alike_by_two_servers(tmp_path: Path, stor
             )
             assert response.status_code == 405, response.text
             body = response.json()
-            assert body["type"] == "MethodNotAllowedError" and "supplied" in body["message"]
+            assert body["type"] == "MethodNotAllowedException" and "supplied" in body["message"]
             assert_no_key_in(response.text, keys)
         for server in servers:
             assert_serves_with(server, keys)  # still the same keys everywhere

@@ -96,7 +96,7 @@ def test_unregister_past_the_timeout_is_408_and_keeps_the_model_without_workers(
         assert deleted.status_code == 408, deleted.text
         assert deleted.json() == {
             "code": 408,
-            "type": "RequestTimeoutError",
+            "type": "RequestTimeoutException",
             "message": "Timed out while cleaning resources: stuck",
         }
         assert TIMEOUT_S - 0.1 < took < TIMEOUT_S + 5

@@ -140,7 +140,7 @@ class TokenAuth:
             try:
                 self.store.check(self.kind, authorization)
             except ServekitError as exc:
-                response = error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+                response = error_response(exc.status_code, exc.type_name, exc.message, exc.headers)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

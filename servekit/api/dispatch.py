@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
-from servekit.api.http import Hooks, disconnect_hooks, new_request_id
+from servekit.api.http import NO_CACHE, Hooks, disconnect_hooks, new_request_id
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
@@ -38,12 +38,6 @@ logger = logging.getLogger("servekit.inference")
 MAX_FORM_ITEMS = 1000  # fields, and files, in one form
 TIMEOUT_HEADER = "x-servekit-timeout-ms"
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})  # the server's, not a handler's
-# TorchServe's caching headers, which replace any of them a handler sets (docs/migration.md, "Responses")
-NO_CACHE = {
-    "cache-control": "no-cache; no-store, must-revalidate, private",
-    "pragma": "no-cache",
-    "expires": "Thu, 01 Jan 1970 00:00:00 UTC",
-}
 PREDICTION_HEADERS: Mapping[str, str] = {
     "url_path": "",
     "explain": "False",
@@ -200,7 +194,7 @@ ErrorRenderer = Callable[[ServekitError, dict[str, str]], Response]
 
 
 def torchserve_error(exc: ServekitError, headers: dict[str, str]) -> Response:
-    return error_response(exc.status_code, type(exc).__name__, exc.message, headers)
+    return error_response(exc.status_code, exc.type_name, exc.message, headers)
 
 
 async def submit(
@@ -261,8 +255,8 @@ async def run_request(
     except ServekitError as exc:
         return render_error(exc, {**exc.headers, "x-request-id": request_id})
     out_headers = {k: v for k, v in result.headers.items() if k.lower() not in FRAMING_HEADERS}
-    if any(k.lower() in NO_CACHE for k in out_headers):  # TorchServe sends its own values instead of the handler's
-        out_headers = {k: v for k, v in out_headers.items() if k.lower() not in NO_CACHE} | NO_CACHE
+    if result.headers and any(k.lower() in NO_CACHE for k in out_headers):  # the server sends TorchServe's instead
+        out_headers = {k: v for k, v in out_headers.items() if k.lower() not in NO_CACHE}
     if result.content_type is not None:  # as the handler set it: a media_type would get "; charset=utf-8" added
         out_headers["content-type"] = result.content_type
     out_headers["x-request-id"] = request_id

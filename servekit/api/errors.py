@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from servekit.errors import ServekitError, error_body
+from servekit.errors import RequestTooLargeError, ServekitError, error_body
 
 _TYPES = {
     400: "BadRequestException",
@@ -28,7 +28,9 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 
 async def _servekit_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServekitError)
-    return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+    if isinstance(exc, RequestTooLargeError):  # TorchServe's 413 (Netty's) has no body
+        return Response(b"", exc.status_code, exc.headers)
+    return error_response(exc.status_code, exc.type_name, exc.message, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -20,6 +20,9 @@ the body still arrives. Discarding is bounded (``discarded_at_most`` the limit, 
 for a body declared larger, the connection closes at once. The same bound holds for a body that uvicorn discards
 after an ASGI route answered 413 early (``read_body``), where the connection otherwise stays open.
 
+Caching: every answer carries TorchServe's ``NO_CACHE`` headers (``sendHttpResponse`` sets them on each), given to
+uvicorn as default headers (``servekit.server``), so that the direct route's answers and uvicorn's own have them too.
+
 Request ids: ``new_request_id`` names each request (``x-request-id`` on every response, as TorchServe sends).
 
 Direct route: on the inference port, ``/predictions`` requests (``DirectRoute.matches``) are read here, body and
@@ -48,6 +51,12 @@ logger = logging.getLogger("servekit.http")
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
 Raw = tuple[int, list[tuple[bytes, bytes]], bytes]  # a response of ours, as written: status, headers, body
+# TorchServe's caching headers, on every answer, replacing any of them a handler sets (servekit.api.dispatch)
+NO_CACHE = {
+    "pragma": "no-cache",
+    "cache-control": "no-cache; no-store, must-revalidate, private",
+    "expires": "Thu, 01 Jan 1970 00:00:00 UTC",
+}
 
 
 _ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
@@ -345,7 +354,6 @@ class HttpProtocol(HttpToolsProtocol):
         Headers are checked for what HTTP forbids in them unless ``checked`` (headers of our own)."""
         if exchange.disconnected or self.transport.is_closing():
             return False
-        headers = [*self.server_state.default_headers, *headers]
         if not checked and any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
             logger.error("a response header is not valid HTTP; answering 500 instead")
             status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
@@ -359,7 +367,7 @@ class HttpProtocol(HttpToolsProtocol):
             else:
                 line = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
         content: list[bytes | memoryview] = [line]
-        for name, value in headers:
+        for name, value in [*self.server_state.default_headers, *headers]:  # the server's own are valid HTTP
             content += [name, b": ", value, b"\r\n"]
         if not exchange.keep_alive:
             content.append(b"connection: close\r\n")

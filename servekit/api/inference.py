@@ -29,6 +29,7 @@ from servekit.api.dispatch import (
     run_request,
 )
 from servekit.api.errors import error_response, install_error_handlers
+from servekit.api.frontend import FrontendJSON
 from servekit.api.http import Raw, new_request_id
 from servekit.api.v2 import create_v2_router, infer_tensors, predict_instances
 from servekit.errors import BadRequestError, RequestTooLargeError, ServekitError, error_body
@@ -37,6 +38,7 @@ from servekit.protocol import Field
 from servekit.registry import ModelRegistry
 
 ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+HEAD_TOO = [*ANY_METHOD, "HEAD"]  # HEAD is answered through ASGI (uvicorn sends the head only), never directly
 PREFIX = "/predictions/"
 V2_PREFIX = "/v2/models/"
 V1_PREFIX = "/v1/models/"
@@ -142,7 +144,7 @@ class Predictions:
             if self.tokens is not None:
                 self.tokens.check("inference", headers.get("authorization"))
         except ServekitError as exc:
-            return error_response(exc.status_code, type(exc).__name__, exc.message, _with_id(exc.headers))
+            return error_response(exc.status_code, exc.type_name, exc.message, _with_id(exc.headers))
 
         async def given() -> bytes:
             return body
@@ -176,9 +178,7 @@ class Predictions:
         if body is None:
             if len(self._refusals) > 1000:  # messages name models: bounded like the models themselves
                 self._refusals.clear()
-            body = (
-                orjson.dumps({"error": error.message}) if oip else error_body(503, type(error).__name__, error.message)
-            )
+            body = orjson.dumps({"error": error.message}) if oip else error_body(503, error.type_name, error.message)
             self._refusals[error.message, oip] = body
         headers = [
             (b"content-type", b"application/json"),
@@ -195,7 +195,7 @@ class Predictions:
         self.access.done(scope, exc.status_code, time.perf_counter())
         if not scope["path"].startswith(PREFIX):  # v2, v1: the protocol's error body
             return JSONResponse({"error": exc.message}, exc.status_code, exc.headers)
-        return error_response(exc.status_code, type(exc).__name__, exc.message, exc.headers)
+        return Response(b"", exc.status_code, exc.headers)  # TorchServe's (Netty's): no body
 
     async def answer(self, scope: Scope, body: bytes, route: Route | None = None) -> Response:
         """Serve ``/predictions/{model}[/{version}]``, or with ``route`` any other inference route."""
@@ -218,7 +218,7 @@ class Predictions:
                     raise BadRequestError("Parameter model_name is required.")
             model = self.registry.get(name, version or None)
             if route is not None and scope["method"] == "OPTIONS":
-                return JSONResponse(model_api(model.name))
+                return FrontendJSON(model_api(model.name))
 
             async def read() -> tuple[tuple[Field, ...], float | None]:
                 fields = inputs if inputs is not None else read_fields(headers, body)
@@ -230,10 +230,10 @@ class Predictions:
 
             return await run_request(model, scope, headers, read, version or "default", route_headers=route_headers)
         except ServekitError as exc:  # before the request was queued: no key, no such model
-            return error_response(exc.status_code, type(exc).__name__, exc.message, _with_id(exc.headers))
+            return error_response(exc.status_code, exc.type_name, exc.message, _with_id(exc.headers))
         except Exception:  # a bug of ours: log it, answer JSON as for every other error
             logger.exception("unexpected error serving %s", scope["path"])
-            return error_response(500, "InternalServerError", "Internal server error", _with_id({}))
+            return error_response(500, "InternalServerException", "Internal server error", _with_id({}))
 
 
 def _with_id(headers: dict[str, str]) -> dict[str, str]:
@@ -252,25 +252,25 @@ def create_inference_app(
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:
         if registry.healthy():
-            return JSONResponse({"status": "Healthy"})
-        return JSONResponse({"status": "Unhealthy"}, status_code=500)
+            return FrontendJSON({"status": "Healthy"})
+        return FrontendJSON({"status": "Unhealthy"}, status_code=500)
 
     app.add_api_route("/ping", ping, methods=["OPTIONS"], include_in_schema=False)  # TorchServe: any method
 
-    @app.api_route("/predictions/{model_name}", methods=ANY_METHOD)
+    @app.api_route("/predictions/{model_name}", methods=HEAD_TOO)
     async def predict_default(model_name: str, request: Request) -> Response:
         return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
 
-    @app.api_route("/predictions/{model_name}/{version}", methods=ANY_METHOD)
+    @app.api_route("/predictions/{model_name}/{version}", methods=HEAD_TOO)
     async def predict(model_name: str, version: str, request: Request) -> Response:
         return await predictions.answer(request.scope, await read_body(request.receive, request.headers, limit))
 
     @app.options("/", include_in_schema=False)
     @app.options("/api-description", include_in_schema=False)  # TorchServe: any method
     async def describe_api() -> Response:
-        return JSONResponse(app.openapi())
+        return FrontendJSON(app.openapi())
 
-    methods = [*ANY_METHOD, "OPTIONS"]  # OPTIONS: the model's OpenAPI description
+    methods = [*HEAD_TOO, "OPTIONS"]  # OPTIONS: the model's OpenAPI description
 
     @app.api_route("/predictions/{model_name}/{version}/{url_path:path}", methods=methods)
     async def predict_url_path(model_name: str, version: str, url_path: str, request: Request) -> Response:

@@ -18,6 +18,7 @@ from servekit.api import lenient
 from servekit.api.auth import TokenAuth, TokenStore
 from servekit.api.dispatch import FRAMING_HEADERS, header_map
 from servekit.api.errors import install_error_handlers
+from servekit.api.frontend import FrontendJSON
 from servekit.api.http import new_request_id
 from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
 from servekit.config import Settings
@@ -46,9 +47,50 @@ def documented(*names: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
     }
 
 
+PARALLEL_TYPES = ("pp", "tp", "pptp", "custom")
+
+
+def yaml_int(config: Mapping[str, Any], key: str, default: int, minimum: int = 0) -> int:
+    """An integer of the model-config YAML as TorchServe's ``ModelConfig`` reads it: ``default`` unless it is an
+    integer (not a boolean), then at least ``minimum``."""
+    value = config.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(minimum, value)
+    return default
+
+
+def model_config_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The describe fields TorchServe 0.12 reads from the model-config YAML (``ModelConfig`` and ``Model``), with its
+    defaults and in its order: those before ``deviceType`` and those after it. The sequence settings count only when
+    ``sequenceMaxIdleMSec`` is over 0, as in TorchServe."""
+    level = yaml_int(config, "parallelLevel", 0)
+    torchrun = config.get("torchrun")
+    if isinstance(torchrun, dict):
+        level = yaml_int(torchrun, "nproc-per-node", 1)
+    kind = str(config.get("parallelType", "")).lower() if isinstance(config.get("parallelType"), str) else ""
+    parallel = level > 0 and kind in PARALLEL_TYPES
+    idle = yaml_int(config, "sequenceMaxIdleMSec", 0)
+    return {
+        "maxRetryTimeoutInSec": yaml_int(config, "maxRetryTimeoutInSec", 300),
+        "clientTimeoutInMills": yaml_int(config, "clientTimeoutInMills", 0),
+        "parallelType": kind if parallel else "",
+        "parallelLevel": level if parallel else 0,
+    }, {
+        "continuousBatching": config.get("continuousBatching") is True,
+        "useJobTicket": config.get("useJobTicket") is True,
+        "useVenv": config.get("useVenv") is True,
+        "stateful": config.get("sequenceBatching") is True,
+        "sequenceMaxIdleMSec": idle,
+        "sequenceTimeoutMSec": yaml_int(config, "sequenceTimeoutMSec", 0) if idle else 0,
+        "maxNumSequence": yaml_int(config, "maxNumSequence", 1, minimum=1) if idle else 0,
+        "maxSequenceJobQueueSize": yaml_int(config, "maxSequenceJobQueueSize", 1, minimum=1) if idle else 0,
+    }
+
+
 def describe(model: Model) -> dict[str, Any]:
-    """TorchServe's describe fields for one model version."""
+    """TorchServe's describe fields for one model version, in its order (``DescribeModelResponse``)."""
     s = model.settings
+    before_device, after_device = model_config_fields(model.spec.config)
     return {
         "modelName": model.name,
         "modelVersion": model.version,
@@ -60,7 +102,10 @@ def describe(model: Model) -> dict[str, Any]:
         "maxBatchDelay": s.max_batch_delay,
         "responseTimeout": int(s.response_timeout),
         "startupTimeout": int(s.startup_timeout),
+        **before_device,
         "deviceType": s.device_type,
+        **({"deviceIds": list(s.gpu_ids)} if s.gpu_ids else {}),
+        **after_device,
         "loadedAtStartup": model.loaded_at_startup,
         "workers": [
             {
@@ -147,7 +192,7 @@ def local_archive(url: str, store: Path) -> Path:
     path_text = unquote(urlsplit(url).path) if url.startswith("file://") else url
     path = Path(path_text)
     if ".." in PurePosixPath(path_text).parts:
-        raise BadRequestError(f"Relative path is not allowed in url: {url}")
+        raise ArchiveNotFoundError(f"Relative path is not allowed in url: {url}")  # TorchServe's 404 and words
     resolved = (path if path.is_absolute() else store / path).resolve()
     if not resolved.is_relative_to(store.resolve()):
         raise BadRequestError(f"Model url {url} is outside the model store")
@@ -176,8 +221,10 @@ async def load_spec(settings: Settings, params: Mapping[str, Any]) -> tuple[Mode
     url = params.get("url")
     if url is None:
         raise BadRequestError("Parameter url is required.")
-    if not isinstance(url, str) or not url.strip():
-        raise BadRequestError("Parameter url is empty.")
+    if not isinstance(url, str):
+        raise BadRequestError(f"Parameter url must be a string, got {url!r}")
+    if not url:
+        raise ArchiveNotFoundError("empty url")  # TorchServe's 404 and words
     if settings.model_store is None:
         raise BadRequestError("Model store has not been configured.")
     runtime = params.get("runtime")
@@ -245,39 +292,39 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
 
     @app.options("/", include_in_schema=False)
     @app.options("/api-description", include_in_schema=False)  # TorchServe: any method
-    async def describe_api() -> JSONResponse:
-        return JSONResponse(app.openapi())
+    async def describe_api() -> FrontendJSON:
+        return FrontendJSON(app.openapi())
 
     @app.options("/models/{name}", include_in_schema=False)
     @app.options("/models/{name}/{version}", include_in_schema=False)
     @app.options("/models/{name}/{version}/set-default", include_in_schema=False)
-    async def describe_model_api(request: Request) -> JSONResponse:
+    async def describe_model_api(request: Request) -> FrontendJSON:
         """The description of a model's management routes, as TorchServe answers ``OPTIONS`` there (so a browser's
         CORS preflight of a scale or an unregister gets a 200); 404 for an unknown model or version."""
         model = registry.get(request.path_params["name"], request.path_params.get("version"))
         spec = app.openapi()
         paths = {path: spec["paths"][path] for path in MODEL_PATHS if path in spec["paths"]}
         info = {"title": f"RESTful Management API for: {model.name}", "version": spec["info"]["version"]}
-        return JSONResponse({"openapi": spec["openapi"], "info": info, "paths": paths})
+        return FrontendJSON({"openapi": spec["openapi"], "info": info, "paths": paths})
 
     if tokens is not None:
         app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION, "/docs"))
 
         @app.api_route("/token", methods=["GET", "POST", "PUT"], openapi_extra=documented("type", required=("type",)))
-        async def rotate_token(request: Request) -> JSONResponse:
+        async def rotate_token(request: Request) -> FrontendJSON:
             assert tokens is not None
             tokens.rotate(request.query_params.get("type", ""), request.headers.get("authorization"))
-            return JSONResponse({"status": f"{request.query_params['type']} key rotated; see {tokens.path.name}"})
+            return FrontendJSON({"status": f"{request.query_params['type']} key rotated; see {tokens.path.name}"})
 
     def require_model_api() -> None:
         check_model_api(settings)
 
     @app.get("/models")
-    async def list_models(limit: str = "100", next_page_token: str = "0") -> JSONResponse:
+    async def list_models(limit: str = "100", next_page_token: str = "0") -> FrontendJSON:
         # TorchServe's rules: a bad or out-of-range limit means 100, a bad token means the first page
         size = int(limit) if limit.isascii() and limit.isdigit() and 0 < int(limit) <= 100 else 100
         start = int(next_page_token) if next_page_token.isascii() and next_page_token.isdigit() else 0
-        return JSONResponse(model_page(registry, size, start))
+        return FrontendJSON(model_page(registry, size, start))
 
     register_params = documented(
         "url",
@@ -293,7 +340,7 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
     )
 
     @app.post("/models", openapi_extra=register_params)
-    async def register(request: Request) -> JSONResponse:
+    async def register(request: Request) -> FrontendJSON:
         require_model_api()
         params = await request_params(request)
         overrides = {
@@ -305,23 +352,23 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         }
         synchronous = bool_param(params, "synchronous", True)
         status, message = await register_model(registry, params, overrides, synchronous)
-        return JSONResponse({"status": message}, status_code=status)
+        return FrontendJSON({"status": message}, status_code=status)
 
     @app.get("/models/{name}", openapi_extra=documented("customized"))
-    async def describe_default(name: str, request: Request) -> JSONResponse:
+    async def describe_default(name: str, request: Request) -> FrontendJSON:
         return await describe_one(registry.get(name), request)
 
     @app.get("/models/{name}/{version}", openapi_extra=documented("customized"))
-    async def describe_version(name: str, version: str, request: Request) -> JSONResponse:
+    async def describe_version(name: str, version: str, request: Request) -> FrontendJSON:
         if version == "all":  # never customized, as in TorchServe
-            return JSONResponse([describe(m) for m in registry.versions(name)])
+            return FrontendJSON([describe(m) for m in registry.versions(name)])
         return await describe_one(registry.get(name, version), request)
 
-    async def describe_one(model: Model, request: Request) -> JSONResponse:
+    async def describe_one(model: Model, request: Request) -> FrontendJSON:
         """The describe answer; with ``customized=true``, TorchServe's: the handler's ``describe_handle`` result
         as ``customizedMetadata``, and the handler's status and headers (503 while the model has no worker)."""
         if not bool_param(dict(request.query_params), "customized", False):
-            return JSONResponse([describe(model)])
+            return FrontendJSON([describe(model)])
         request_id = new_request_id()
         answer = await registry.describe_handle(model, WorkerRequest(request_id, header_map(request.scope), ()))
         entry = describe(model)
@@ -329,16 +376,16 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
             entry["customizedMetadata"] = customized_metadata(answer.payload)
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in FRAMING_HEADERS}
         headers |= {"content-type": answer.content_type or "application/json", "x-request-id": request_id}
-        return JSONResponse([entry], answer.status, headers)
+        return FrontendJSON([entry], answer.status, headers)
 
     scale_params = documented("min_worker", "max_worker", "synchronous", "model_version")
 
     @app.put("/models/{name}", openapi_extra=scale_params)
-    async def scale_default(name: str, request: Request) -> JSONResponse:
+    async def scale_default(name: str, request: Request) -> FrontendJSON:
         return await scale(name, None, request)
 
     @app.put("/models/{name}/{version}", openapi_extra=scale_params)
-    async def scale(name: str, version: str | None, request: Request) -> JSONResponse:
+    async def scale(name: str, version: str | None, request: Request) -> FrontendJSON:
         params = dict(request.query_params)
         version = version or params.get("model_version") or None
         model = registry.get(name, version)
@@ -349,24 +396,24 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         synchronous = bool_param(params, "synchronous", False)
         await registry.scale(model, min_workers, max_workers, synchronous)
         if not synchronous:
-            return JSONResponse(PROCESSING, status_code=202)
+            return FrontendJSON(PROCESSING, status_code=202)
         message = f"Workers scaled to {min_workers} for model: {name}"
-        return JSONResponse({"status": message + (f", version: {version}" if version else "")})
+        return FrontendJSON({"status": message + (f", version: {version}" if version else "")})
 
     @app.put("/models/{name}/{version}/set-default")
-    async def set_default(name: str, version: str) -> JSONResponse:
+    async def set_default(name: str, version: str) -> FrontendJSON:
         registry.set_default(name, version)
-        return JSONResponse({"status": f'Default version successfully updated for model "{name}" to "{version}"'})
+        return FrontendJSON({"status": f'Default version successfully updated for model "{name}" to "{version}"'})
 
     @app.delete("/models/{name}")
-    async def unregister_default(name: str) -> JSONResponse:
+    async def unregister_default(name: str) -> FrontendJSON:
         return await unregister(name, None)
 
     @app.delete("/models/{name}/{version}")
-    async def unregister(name: str, version: str | None) -> JSONResponse:
+    async def unregister(name: str, version: str | None) -> FrontendJSON:
         require_model_api()
         model = await registry.unregister(name, version)
-        return JSONResponse({"status": f'Model "{model.name}" unregistered'})
+        return FrontendJSON({"status": f'Model "{model.name}" unregistered'})
 
     # The Open Inference Protocol's model repository extension, under the same auth and enable switch.
     def store_entries() -> dict[str, str]:

@@ -15,8 +15,10 @@ ends the call with that status's code.
   run one after the other, in order, those of different sequences side by side. Each answer (each chunk) is a
   message carrying its request's ``sequence_id``; a request that fails is answered by a message whose ``status``
   says why, and the call goes on. The handler sees the headers ``ts_request_sequence_id`` and, when the request's
-  input ``ts_request_sequence_end`` is ``true``, ``ts_request_sequence_end``. The call ends once the client has
-  sent its last request and every answer has been sent.
+  input ``ts_request_sequence_end`` is ``true``, ``ts_request_sequence_end`` (the names ``ts_header_key_sequence_*``
+  give). The call ends once the client has sent its last request and every answer has been sent. On a model with
+  ``sequenceBatching: true`` those headers are its sequence batcher's (``servekit.sequence_batcher``): each sequence
+  runs on one worker, the end input closes it, and a closed or expired ``sequence_id`` is answered ``NOT_FOUND``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,10 @@ from servekit.grpc.generated.inference_pb2 import PredictionResponse, Prediction
 from servekit.grpc.status import rpc_status
 from servekit.protocol import Field, Response
 from servekit.registry import ModelRegistry
+from servekit.sequence_batcher import DEFAULT_END, DEFAULT_ID
 
 logger = logging.getLogger("servekit.grpc")
 Context = grpc.aio.ServicerContext[Any, Any]
-SEQUENCE_ID = "ts_request_sequence_id"  # TorchServe's default header names (ts_header_key_sequence_*)
-SEQUENCE_END = "ts_request_sequence_end"
 IN_FLIGHT = 64  # StreamPredictions2: requests of one call being answered at once, and answers waiting to be sent
 
 
@@ -52,6 +53,8 @@ class InferenceAPIs:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.max_response_size = registry.settings.max_response_size
+        # the header names of a sequence (config.properties ts_header_key_sequence_*, TorchServe's by default)
+        self.sequence_keys = (registry.settings.ts_header_key_sequence_id, registry.settings.ts_header_key_sequence_end)
 
     async def Ping(self, request: empty_pb2.Empty, context: Context) -> TorchServeHealthResponse:
         """The health ``/ping`` reports, as TorchServe's JSON text; the call succeeds either way."""
@@ -92,8 +95,11 @@ class InferenceAPIs:
             try:
                 if before is not None:
                     await asyncio.wait([before])
-                end = request.input.get(SEQUENCE_END, b"").strip().lower() == b"true"
-                headers = {SEQUENCE_ID: sequence, **({SEQUENCE_END: "true"} if end else {})}
+                id_key, end_key = self.sequence_keys
+                end = request.input.get(end_key, b"").strip().lower() == b"true"
+                headers = {id_key: sequence, DEFAULT_ID: sequence}  # TorchServe's name too: get_sequence_id reads it
+                if end:
+                    headers |= {end_key: "true", DEFAULT_END: "true"}
                 async for chunk in _chunks(await self._run(request, context, headers)):
                     await answers.put(PredictionResponse(prediction=chunk, sequence_id=sequence))
             except ServekitError as exc:

@@ -12,26 +12,20 @@ from tests.compat.archives import digit_png
 from tests.compat.exchange import CLIENT_HEADERS, Case, Expected, Port, Request
 
 # The words of docs/migration.md that document each deliberate difference.
-D_RESULT_TYPE = "TorchServe sends JSON indented by 2 and no `Content-Type` unless the handler sets one."
-D_CACHE = "TorchServe's `Pragma`, `Cache-Control` and `Expires` headers are not sent"
-D_CONNECTION = "connections stay open after an error answer (except a 413, which closes)"
-D_ERROR_NAMES = "servekit's error names (`ModelNotFoundError`, `HandlerError`, `QueueFullError`, ...)"
-D_RAISED = "| the handler raised | **500** `HandlerError`"
+D_RESULT_TYPE = "| an answer whose handler set no content type | a `Content-Type`"
+D_CONNECTION = "| an error answer | the connection stays open"
+D_413_CLOSE = "| a body over `max_request_size` | 413, and the connection closes"
+D_413_HEADERS = "| CORS and caching headers on a 413"
+D_RAISED = "| the handler raised | **500**"
 D_BAD_OUTPUT = "| the handler returned something other than a list, or a list of the wrong length | **500**"
 D_UNSENDABLE = "| a result that cannot be sent (not bytes, str, tensor or JSON-serialisable) | **500** for that request"
 D_CUDA = "| the exception's text mentions CUDA | **500**"
-D_413 = (
-    "| a body over `max_request_size` | 413 with a JSON error naming the size and the limit | 413 with an empty body |"
-)
 D_BAD_JSON = "| a body sent as `application/json` that is not JSON | **400** for that request, before the handler |"
-D_EMPTY_URL = "| register: `url=` (empty), or `..` in it | **400** | 404 |"
-D_NAN = "a result holding a float `NaN` or infinity is sent as `null` (valid JSON), where TorchServe sends `NaN`"
-D_HEADER_CASE = "**Request headers** reach the handler with lower-case names"
-D_METHODS = "`/predictions/{m}[/{v}]` answers `GET`, `POST`, `PUT`, `DELETE` and `PATCH` (TorchServe: any method)"
-D_DESCRIBE = "without TorchServe's fields for features servekit does not have"
-D_OIP = "the Open Inference Protocol routes are always on"
+D_NAN = "| a result holding a float `NaN` or infinity | `null`"
+D_HEADER_CASE = "| the handler looks up a request header | found whatever the case of the name"
+D_OIP = "| the Open Inference Protocol and KServe v1 routes | always served"
 D_UNREGISTERED_RUNNING = "| a request running when its model is unregistered | answered once the worker stops"
-D_WORKER_DIED = "| the worker process died (crash, signal, OOM kill) | **500** `WorkerDiedError`, naming the signal"
+D_WORKER_DIED = "| the worker process died (crash, signal, OOM kill) | **500**, naming the signal"
 D_RETRY_AFTER = "| any 503 (no worker, queue full, unregistering) | with `Retry-After`"
 D_BAD_PARAMETER = "`synchronous=maybe`, `customized=yes`) | **400** naming the parameter"
 D_NEVER_ANSWERED = "500 `Worker died.` in some runs, never answered in others"
@@ -76,7 +70,6 @@ def multipart(*parts: tuple[str, str | None, str | None, bytes]) -> tuple[bytes,
     return out + f"--{BOUNDARY}--\r\n".encode(), (("content-type", f"multipart/form-data; boundary={BOUNDARY}"),)
 
 
-TYPE_NAMES = n.without("type")  # the error type names differ (D_ERROR_NAMES); code and message must not
 RESULT_CT = exp("header:content-type", D_RESULT_TYPE)
 FORM_BODY, FORM_HEADERS = multipart(
     ("a", None, None, b"plain value"),
@@ -98,10 +91,6 @@ def status_case(name: str, line: str, *expected: Expected) -> Case:
     return case(name, req("POST", "/predictions/status", line.encode()), body="text", reason=True, expected=expected)
 
 
-def error_names(*more: Expected) -> tuple[Expected, ...]:
-    return (exp("body", D_ERROR_NAMES, TYPE_NAMES), *more)
-
-
 def whole_answer(docs: str) -> tuple[Expected, ...]:
     """A documented difference of the whole answer (a route TorchServe serves and servekit does not, say): its
     status, body and content type differ."""
@@ -109,12 +98,7 @@ def whole_answer(docs: str) -> tuple[Expected, ...]:
 
 
 HEALTH_AND_ROUTES = [
-    case(
-        "ping",
-        req("GET", "/ping"),
-        headers=(*CLIENT_HEADERS, "pragma", "cache-control", "expires"),
-        expected=(exp("header:pragma", D_CACHE), exp("header:cache-control", D_CACHE), exp("header:expires", D_CACHE)),
-    ),
+    case("ping", req("GET", "/ping")),
     case("ping_post", req("POST", "/ping")),
     case("root_get", req("GET", "/")),
     case("root_options", req("OPTIONS", "/"), body="skip"),
@@ -125,9 +109,9 @@ HEALTH_AND_ROUTES = [
         "unknown_model",
         req("POST", "/predictions/missing", b"x"),
         headers=(*CLIENT_HEADERS, "connection"),
-        expected=error_names(exp("header:connection", D_CONNECTION)),
+        expected=(exp("header:connection", D_CONNECTION),),
     ),
-    case("unknown_version", req("POST", "/predictions/noop/9.9", b"x"), expected=error_names()),
+    case("unknown_version", req("POST", "/predictions/noop/9.9", b"x")),
     case("oip_health_ready", req("GET", "/v2/health/ready"), expected=(exp("status", D_OIP), exp("body", D_OIP))),
 ]
 
@@ -136,12 +120,7 @@ RESULTS = [
     case("noop_version", req("POST", "/predictions/noop/1.0", b"x"), body="text", expected=(RESULT_CT,)),
     case("noop_get", req("GET", "/predictions/noop"), body="text", expected=(RESULT_CT,)),
     case("noop_put", req("PUT", "/predictions/noop", b"x"), body="text", expected=(RESULT_CT,)),
-    case(
-        "noop_head",
-        req("HEAD", "/predictions/noop"),
-        body="text",
-        expected=(exp("status", D_METHODS), exp("header:content-type", D_METHODS)),
-    ),
+    case("noop_head", req("HEAD", "/predictions/noop"), body="text", expected=(RESULT_CT,)),
     case(
         "echo_bytes",
         req("POST", "/predictions/echo", b"\x00\x01\xffbinary", OCTET),
@@ -167,7 +146,10 @@ RESULTS = [
         req("POST", "/predictions/echo", b"x" * 2_000_000, OCTET),
         body="text",
         headers=(*CLIENT_HEADERS, "connection"),
-        expected=(exp("body", D_413), exp("header:content-type", D_413), exp("header:connection", D_CONNECTION)),
+        expected=(
+            exp("header:connection", D_413_CLOSE),
+            *(exp(f"header:{name}", D_413_HEADERS) for name in ("cache-control", "pragma", "expires")),
+        ),
     ),
     kinds("str", RESULT_CT, body="text"),
     kinds("unicode", RESULT_CT, body="text"),
@@ -188,13 +170,13 @@ RESULTS = [
         req("POST", "/predictions/raises", b"runtime"),
         expected=(exp("status", D_RAISED), exp("body", D_RAISED)),
     ),
-    case("raises_memory", req("POST", "/predictions/raises", b"memory"), expected=error_names()),
+    case("raises_memory", req("POST", "/predictions/raises", b"memory")),
     case(
         "raises_cuda",
         req("POST", "/predictions/raises", b"cuda"),
         expected=(exp("status", D_CUDA), exp("body", D_CUDA)),
     ),
-    case("raises_prediction_exception", req("POST", "/predictions/raises", b"prediction"), expected=error_names()),
+    case("raises_prediction_exception", req("POST", "/predictions/raises", b"prediction")),
     headers_case(
         "handler_content_type",
         {"content_type": "application/x-compat", "headers": {"X-Compat": "yes"}},
@@ -258,55 +240,49 @@ HANDLER_INPUTS = [
     case("inspect_query_not_forwarded", req("POST", "/predictions/inspect?x=1", b"q"), expected=(RESULT_CT,)),
 ]
 
-DESCRIBE = n.without(*n.TORCHSERVE_ONLY_FIELDS)
+WORKERS = (n.WORKERS,)
 MANAGEMENT = [
     case("list_models", mgmt("GET", "/models")),
     case("list_models_page", mgmt("GET", "/models?limit=3&next_page_token=2")),
-    case(
-        "describe", mgmt("GET", "/models/noop"), fix=n.workers_normalized, expected=(exp("body", D_DESCRIBE, DESCRIBE),)
-    ),
+    case("describe", mgmt("GET", "/models/noop"), subs=WORKERS),
     case(
         "describe_version",
         mgmt("GET", "/models/mnist/1.0"),
-        fix=n.workers_normalized,
-        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+        subs=WORKERS,
     ),
     case(
         "describe_all",
         mgmt("GET", "/models/echo/all"),
-        fix=n.workers_normalized,
-        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+        subs=WORKERS,
     ),
     case(
         "describe_customized",
         mgmt("GET", "/models/mnist?customized=true"),
-        fix=n.workers_normalized,
-        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+        subs=WORKERS,
     ),
-    case("describe_missing", mgmt("GET", "/models/missing"), expected=error_names()),
+    case("describe_missing", mgmt("GET", "/models/missing")),
     case("scale_sync", mgmt("PUT", "/models/noop?min_worker=1&synchronous=true")),
     case("scale_async", mgmt("PUT", "/models/noop?min_worker=1")),
-    case("scale_max_below_min", mgmt("PUT", "/models/noop?min_worker=2&max_worker=1"), expected=error_names()),
+    case("scale_max_below_min", mgmt("PUT", "/models/noop?min_worker=2&max_worker=1")),
     case("set_default", mgmt("PUT", "/models/noop/1.0/set-default")),
-    case("set_default_unknown_version", mgmt("PUT", "/models/noop/9.9/set-default"), expected=error_names()),
-    case("register_without_url", mgmt("POST", "/models"), expected=error_names()),
+    case("set_default_unknown_version", mgmt("PUT", "/models/noop/9.9/set-default")),
+    case("register_without_url", mgmt("POST", "/models")),
     case(
         "register_empty_url",
         mgmt("POST", "/models?url="),
-        expected=(exp("status", D_EMPTY_URL), exp("body", D_EMPTY_URL)),
     ),
-    case("register_missing_file", mgmt("POST", "/models?url=missing.mar"), expected=error_names()),
-    case("register_duplicate", mgmt("POST", "/models?url=noop.mar"), expected=error_names()),
+    case("register_missing_file", mgmt("POST", "/models?url=missing.mar")),
+    case("register_duplicate", mgmt("POST", "/models?url=noop.mar")),
     case("register_default_workers", mgmt("POST", "/models?url=reg.mar")),
     case(
         "predict_registered_default_workers",
         req("POST", "/predictions/reg", b"x"),
-        expected=error_names(exp("header:retry-after", D_RETRY_AFTER)),
+        expected=(exp("header:retry-after", D_RETRY_AFTER),),
     ),
     case(
         "describe_customized_without_worker",
         mgmt("GET", "/models/reg?customized=true"),
-        expected=error_names(exp("header:retry-after", D_RETRY_AFTER)),
+        expected=(exp("header:retry-after", D_RETRY_AFTER),),
     ),
     case("scale_registered", mgmt("PUT", "/models/reg?min_worker=1&synchronous=true")),
     case("predict_registered_scaled", req("POST", "/predictions/reg", b"x"), body="text", expected=(RESULT_CT,)),
@@ -353,16 +329,14 @@ MANAGEMENT = [
     case(
         "register_failing_initialize",
         mgmt("POST", "/models?url=failinit.mar&initial_workers=1&synchronous=true"),
-        expected=error_names(),
     ),
     case(  # registered all the same, with no workers
         "describe_after_failed_register",
         mgmt("GET", "/models/failinit"),
-        fix=n.workers_normalized,
-        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+        subs=WORKERS,
     ),
-    case("unregister_missing", mgmt("DELETE", "/models/missing"), expected=error_names()),
-    case("unregister_missing_version", mgmt("DELETE", "/models/noop/9.9"), expected=error_names()),
+    case("unregister_missing", mgmt("DELETE", "/models/missing")),
+    case("unregister_missing_version", mgmt("DELETE", "/models/noop/9.9")),
     case("models_patch", mgmt("PATCH", "/models")),
     case("management_root_get", mgmt("GET", "/")),
     case("management_root_options", mgmt("OPTIONS", "/"), body="skip"),
@@ -414,8 +388,7 @@ UNSERVED = [
 def customized(name: str, path: str, kind: str | None = None, *expected: Expected, **kw: Any) -> Case:
     """A customized describe of the "described" archive, whose describe_handle answers what ``kind`` asks for."""
     headers = (("x-kind", kind),) if kind else ()
-    expected = expected or (exp("body", D_DESCRIBE, DESCRIBE),)
-    return case(name, mgmt("GET", path, headers=headers), fix=n.workers_normalized, expected=expected, **kw)
+    return case(name, mgmt("GET", path, headers=headers), subs=WORKERS, expected=expected, **kw)
 
 
 # After METRICS: a customized describe runs the handler (TorchServe counts it as no inference request either).
@@ -432,7 +405,6 @@ DESCRIBE_CUSTOMIZED = [
         "describe_customized_status_and_headers",
         "/models/described?customized=true",
         "status",
-        exp("body", D_DESCRIBE, DESCRIBE),
         headers=(*CLIENT_HEADERS, "x-described"),
     ),
     customized(
@@ -449,12 +421,11 @@ DESCRIBE_CUSTOMIZED = [
         exp("status", D_BAD_PARAMETER),
         exp("body", D_BAD_PARAMETER),
     ),
-    case("describe_customized_missing", mgmt("GET", "/models/missing?customized=true"), expected=error_names()),
+    case("describe_customized_missing", mgmt("GET", "/models/missing?customized=true")),
     case(
         "describe_customized_function_handler",
         mgmt("GET", "/models/describefn?customized=true", headers=(("x-probe", "probe value"),)),
-        fix=n.workers_normalized,
-        expected=(exp("body", D_DESCRIBE, DESCRIBE),),
+        subs=WORKERS,
     ),
 ]
 
@@ -486,29 +457,28 @@ UNREGISTER_TIMEOUT = [
         expected=(
             exp("status[0]", D_UNREGISTERED_RUNNING, sometimes=True),
             exp("body[0]", D_WORKER_DIED, sometimes=True),
-            exp("body[1]", D_ERROR_NAMES, TYPE_NAMES),
         ),
     ),
     case(
         "describe_after_unregister_timeout",
         mgmt("GET", "/models/slow"),
-        fix=n.workers_normalized,
+        subs=WORKERS,
         # the request TorchServe never answered (in some runs) stays in its queue: "pendingRequests": 1
-        expected=(exp("body", D_NEVER_ANSWERED, n.without(*n.TORCHSERVE_ONLY_FIELDS, "jobQueueStatus")),),
+        expected=(exp("body", D_NEVER_ANSWERED, n.without("jobQueueStatus"), sometimes=True),),
     ),
     case("list_after_unregister_timeout", mgmt("GET", "/models")),
     case(
         "predict_after_unregister_timeout",
         req("POST", "/predictions/slow", b"0"),
-        expected=error_names(exp("header:retry-after", D_RETRY_AFTER)),
+        expected=(exp("header:retry-after", D_RETRY_AFTER),),
     ),
     case(
         "describe_customized_after_unregister_timeout",
         mgmt("GET", "/models/slow?customized=true"),
-        expected=error_names(exp("header:retry-after", D_RETRY_AFTER)),
+        expected=(exp("header:retry-after", D_RETRY_AFTER),),
     ),
     case("unregister_again_after_timeout", mgmt("DELETE", "/models/slow")),
-    case("describe_after_unregister_again", mgmt("GET", "/models/slow"), expected=error_names()),
+    case("describe_after_unregister_again", mgmt("GET", "/models/slow")),
 ]
 
 CASES = (

@@ -23,10 +23,11 @@ from tests.compat.servers import Endpoint, Pair
 
 MIGRATION = Path(__file__).resolve().parent.parent.parent / "docs" / "migration.md"
 Port = Literal["inference", "management", "metrics"]
-# json: equal as JSON (TorchServe indents, servekit does not); text/bytes: exact; tensor: torch.load'ed values equal
+# json and text: the same text, byte for byte, after the case's masks (``subs``) of what varies between runs (and, for
+# json with ``fix``, the same JSON after that change); bytes: exact; tensor: torch.load'ed values equal
 BodyMode = Literal["json", "text", "bytes", "tensor", "skip"]
 # The headers a client reads. Compared by value, except those of PRESENCE (compared by presence only).
-CLIENT_HEADERS = ("content-type", "x-request-id", "retry-after")
+CLIENT_HEADERS = ("content-type", "x-request-id", "retry-after", "cache-control", "pragma", "expires")
 PRESENCE = frozenset({"x-request-id"})
 ABSENT = "<absent>"
 UUID = (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>")
@@ -62,8 +63,8 @@ class Case:
     body: BodyMode = "json"
     headers: tuple[str, ...] = CLIENT_HEADERS
     reason: bool = False  # compare the reason phrase too
-    subs: tuple[tuple[str, str], ...] = ()  # (regex, replacement) on both bodies' text
-    fix: Callable[[Any], Any] | None = None  # on both parsed JSON bodies
+    subs: tuple[tuple[str, str], ...] = ()  # (regex, replacement) on both bodies' text: masks of what varies per run
+    fix: Callable[[Any], Any] | None = None  # on both parsed JSON bodies, for a documented difference inside them
     expected: tuple[Expected, ...] = ()
 
 
@@ -107,8 +108,8 @@ def shorten(value: str, width: int = 240) -> str:
 
 
 def readable(value: str) -> str:
-    """Long JSON indented, so that a diff shows the lines that differ."""
-    if len(value) > 160:
+    """Long JSON on one line indented, so that a diff shows the lines that differ."""
+    if len(value) > 160 and "\n" not in value.strip():
         with contextlib.suppress(ValueError):
             return json.dumps(json.loads(value), indent=1, sort_keys=True, ensure_ascii=False)
     return value
@@ -150,17 +151,13 @@ def body_text(case: Case, body: bytes) -> str:
         text = re.sub(pattern, replacement, text, flags=re.MULTILINE)
     if case.body != "json":
         return str(case.fix(text)) if case.fix else text
-    if not text:
-        return text
+    if not text or case.fix is None:
+        return text  # byte for byte: TorchServe's layout (indents, key order, number forms, final newline) too
     try:
         value = json.loads(text)
     except ValueError:
         return f"<not JSON> {text}"
-    return canonical(case.fix(value) if case.fix else value)
-
-
-def canonical(value: object) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return json.dumps(case.fix(value), indent=2, ensure_ascii=False)
 
 
 def aspects(case: Case, answer: Answer) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Normalizers of the differential test: what legitimately varies between two runs (ids, times, hosts, counts) and
-what a documented difference may change (``Expected.tolerate``), each applied to both servers' answers alike."""
+"""Normalizers of the differential test: masks of what legitimately varies between two runs (ids, times, hosts,
+counts), regular expressions on the text of both answers, and what a documented difference may change
+(``Expected.tolerate``, ``Case.fix``), each applied to both servers' answers alike."""
 
 from __future__ import annotations
 
@@ -9,21 +10,9 @@ from typing import Any
 
 HOSTNAMES = (r'(?i)(hostname)="[^"]*"', r'\1="H"')
 SAMPLE_VALUES = (r"^([^#\n].*) \S+$", r"\1 N")
-# TorchServe's describe fields for features servekit does not have (docs/migration.md, "Describe").
-TORCHSERVE_ONLY_FIELDS = (
-    "maxRetryTimeoutInSec",
-    "clientTimeoutInMills",
-    "parallelType",
-    "parallelLevel",
-    "continuousBatching",
-    "useJobTicket",
-    "useVenv",
-    "stateful",
-    "sequenceMaxIdleMSec",
-    "sequenceTimeoutMSec",
-    "maxNumSequence",
-    "maxSequenceJobQueueSize",
-)
+# A describe's per-run worker values (ids, pids, start times, memory), masked in its text: the rest is compared byte
+# for byte.
+WORKERS = (r'^(\s*"(?:id|pid|startTime|memoryUsage)": )(?:"[^"]*"|-?\d+)', r"\1*")
 
 
 def on_json(change: Callable[[Any], Any]) -> Callable[[str], str]:
@@ -61,14 +50,6 @@ def any_header_case(value: Any) -> Any:
             for name in [n for n in headers if n != n.lower()]:
                 merged = headers.pop(name) or headers.get(name.lower())
                 headers[name.lower()] = merged
-    return value
-
-
-def workers_normalized(value: Any) -> Any:
-    """Describe answers with the per-run worker values (ids, pids, start times, memory) replaced."""
-    for model in value if isinstance(value, list) else []:
-        for worker in model.get("workers", []) if isinstance(model, dict) else []:
-            worker.update({k: "*" for k in ("id", "pid", "startTime", "memoryUsage") if k in worker})
     return value
 
 

@@ -6,6 +6,7 @@ one starts. Run with `make compat`."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tests.compat.archives import build_store
+from tests.compat.normalize import WORKERS
 from tests.compat.servers import Endpoint, Pair, running_pair
 from tests.compat.test_compat_rest import KEYS
 from tests.torchserve_protos import client_modules
@@ -100,8 +102,11 @@ def test_compat_grpc_errors_differ_only_as_documented(pair: Pair, ts: dict[str, 
 
 def test_compat_grpc_management(pair: Pair, ts: dict[str, ModuleType]) -> None:
     m = ts["management_pb2"]
-    torchserve, servekit = both(pair, ts, lambda _, mg: json.loads(mg.ListModels(m.ListModelsRequest(limit=10)).msg))
-    assert servekit == torchserve
+    torchserve, servekit = both(pair, ts, lambda _, mg: mg.ListModels(m.ListModelsRequest(limit=10)).msg)
+    assert servekit == torchserve  # the text, as TorchServe's Gson lays it out
+    describe = m.DescribeModelRequest(model_name="inspect")  # echo: TorchServe's worker died above
+    torchserve, servekit = both(pair, ts, lambda _, mg: re.sub(*WORKERS, mg.DescribeModel(describe).msg, flags=re.M))
+    assert servekit == torchserve  # every field of TorchServe's describe, in its order and layout
     register = m.RegisterModelRequest(url="noop.mar", initial_workers=1, synchronous=True)
     torchserve, servekit = both(pair, ts, lambda _, mg: mg.RegisterModel(register).msg)
     assert servekit == torchserve == 'Model "noop" Version: 1.0 registered with 1 initial workers'
