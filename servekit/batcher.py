@@ -164,11 +164,19 @@ class Batcher(Generic[W]):
         refusal = self.refusal()
         if refusal is not None:
             raise refusal
-        loop = asyncio.get_running_loop()
-        pending = Pending(request, loop.create_future(), time.perf_counter())
+        pending = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(pending)
         self._arrival.set()
-        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
+        return await self._response(pending, timeout_s, hooks)
+
+    async def _response(
+        self, pending: Pending, timeout_s: float | None, hooks: set[Callable[[], Any]] | None
+    ) -> Response:
+        """The response of a queued request, as ``submit`` says: ``DeadlineExceededError`` if still queued after
+        ``timeout_s``, ``ClientDisconnectedError`` if a hook drops it first."""
+        timer = None
+        if timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, pending, timeout_s)
         cancel = pending.future.cancel
         if hooks is not None:
             hooks.add(cancel)

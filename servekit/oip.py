@@ -257,8 +257,9 @@ def validate(request: InferRequest, inputs: Sequence[TensorSpec], outputs: Seque
                 raise BadRequestError(f"unknown output {name}; the model has {sorted(names)}")
 
 
-def to_worker(request: InferRequest, model_name: str, model_version: str) -> bytes:
-    """The request as the worker receives it: ``>I`` header length, JSON header, tensor bytes."""
+def to_worker(request: InferRequest, model_name: str, model_version: str, predictions: bool = False) -> bytes:
+    """The request as the worker receives it: ``>I`` header length, JSON header, tensor bytes. With ``predictions``
+    the worker answers KServe v1's ``{"predictions": ...}`` instead of a v2 response (``Outputs.response``)."""
     header = {
         "id": request.id,
         "model_name": model_name,
@@ -267,6 +268,8 @@ def to_worker(request: InferRequest, model_name: str, model_version: str) -> byt
         "outputs": [list(o) for o in request.outputs],
         "binary_output": request.binary_output,
     }
+    if predictions:
+        header["predictions"] = True
     head = orjson.dumps(header)
     return b"".join([struct.pack(">I", len(head)), head, *(t.data for t in request.inputs)])
 
@@ -414,11 +417,15 @@ class Outputs:
         """Request ``i``'s HTTP body and headers: JSON, or JSON + binary for outputs that ask for it; ``ValueError``
         if an output does not have the batch's rows."""
         requested = header["outputs"] or [[name, None] for name in self.outputs]
+        if header.get("predictions"):  # KServe v1: the first output, one item per instance (NaN as null)
+            view = self._view(requested[0][0])
+            data = view.data(i)
+            for size in reversed(view.shape(i)[1:]):
+                data = [data[j : j + size] for j in range(0, len(data), size)]
+            return orjson.dumps({"predictions": data}), {"content-type": "application/json"}
         entries, blobs, finite = [], [], True
         for name, flag in requested:
-            view = self._views.get(name)
-            if view is None:
-                view = self._views[name] = _Output(self.outputs[name], self.starts)
+            view = self._view(name)
             binary = (header["binary_output"] if flag is None else flag) or view.datatype == "BF16"  # BF16: no JSON
             entry: dict[str, Any] = {"name": name, "datatype": view.datatype, "shape": view.shape(i)}
             if binary:
@@ -437,3 +444,9 @@ class Outputs:
         if not blobs:
             return head, {"content-type": "application/json"}
         return b"".join([head, *blobs]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+    def _view(self, name: str) -> _Output:
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = _Output(self.outputs[name], self.starts)
+        return view

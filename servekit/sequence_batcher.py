@@ -47,7 +47,6 @@ from typing import Any, Generic, Protocol, TypeVar
 from servekit.batcher import Batcher, BatchObserver, Pending, Workers
 from servekit.errors import (
     BadRequestError,
-    ClientDisconnectedError,
     SequenceLimitError,
     SequenceNotFoundError,
     ServekitError,
@@ -183,8 +182,7 @@ class SequenceBatcher(Batcher[W]):
         if refusal is not None:
             raise refusal
         sequence, request = self._admit(request)
-        loop = asyncio.get_running_loop()
-        pending = Pending(request, loop.create_future(), time.perf_counter())
+        pending = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(pending)
         sequence.queue.append(pending)
         if sequence.timer is not None:
@@ -195,23 +193,7 @@ class SequenceBatcher(Batcher[W]):
         elif sequence not in self._unplaced:
             self._unplaced.append(sequence)
             self._arrival.set()
-        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
-        cancel = pending.future.cancel
-        if hooks is not None:
-            hooks.add(cancel)
-        try:
-            response = await pending.future
-        except asyncio.CancelledError:
-            self._drop(pending)
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():  # the hook fired, not a cancelled task
-                raise ClientDisconnectedError("The client disconnected before the response was ready") from None
-            raise
-        finally:
-            if hooks is not None:
-                hooks.discard(cancel)
-            if timer is not None:
-                timer.cancel()
+        response = await self._response(pending, timeout_s, hooks)
         if _header(response.headers, self._keys.id) is None:
             response = replace(response, headers={**response.headers, self._keys.id: sequence.id})
         return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,6 +262,18 @@ def test_v1_predict_instances(server: Server) -> None:
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(np.array(response.json()["predictions"]), expected(x), atol=1e-5)
     assert server.post("/v1/models/nope:predict", json={"instances": [[1]]}).status_code == 404
+
+
+def test_v1_predictions_of_concurrent_requests_batched_together_stay_apart(server: Server) -> None:
+    """The worker writes each request's ``predictions`` from its own rows of the batch's output."""
+    xs = [np.random.default_rng(10 + i).standard_normal((1 + i % 3, 16), dtype=np.float32) for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda x: server.post("/v1/models/mlp:predict", json={"instances": x.tolist()}), xs))
+    for x, response in zip(xs, answers, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert list(response.json()) == ["predictions"]
+        np.testing.assert_allclose(np.array(response.json()["predictions"]), expected(x), atol=1e-5)
 
 
 def test_v2_unknown_output_is_400(client: triton.InferenceServerClient) -> None:

@@ -15,7 +15,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
@@ -247,19 +246,6 @@ async def predict_instances(
     async def read() -> tuple[tuple[Field, ...], float | None]:
         parsed = instances_request(model, await body())
         validate(parsed, model.inputs, model.outputs)
-        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), None
+        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version, predictions=True)),), None
 
-    response = await run_request(model, scope, headers, read, "default", v2_error)
-    if response.status_code != 200:
-        return response
-    answer = orjson.dumps({"predictions": predictions(loads(bytes(response.body)))})
-    return Response(answer, headers={"x-request-id": response.headers["x-request-id"]}, media_type="application/json")
-
-
-def predictions(v2_response: dict[str, Any]) -> list[Any]:
-    """The first output of a v2 JSON response, nested by its shape (one item per instance)."""
-    output = v2_response["outputs"][0]
-    data, shape = output["data"], output["shape"]
-    for size in reversed(shape[1:]):
-        data = [data[i : i + size] for i in range(0, len(data), size)]
-    return list(data)
+    return await run_request(model, scope, headers, read, "default", v2_error)
