@@ -97,6 +97,16 @@ class Settings:
     address, or keep token authorization on."""
     grpc_management_port: int = 7071
     """The port of the gRPC management API."""
+    grpc_inference_max_connection_age_ms: int | None = None
+    """Close each gRPC inference connection after this many milliseconds (the client reconnects: this rebalances
+    long-lived connections across replicas behind a load balancer); unset, never, as in TorchServe."""
+    grpc_inference_max_connection_age_grace_ms: int | None = None
+    """How long calls still running on a connection closed for its age may go on before they are cancelled; unset,
+    until they end."""
+    grpc_management_max_connection_age_ms: int | None = None
+    """``grpc_inference_max_connection_age_ms`` for the gRPC management port."""
+    grpc_management_max_connection_age_grace_ms: int | None = None
+    """``grpc_inference_max_connection_age_grace_ms`` for the gRPC management port."""
     enable_grpc: bool = True
     """Serve the two gRPC APIs; ``false`` opens neither port. servekit's key (TorchServe always serves them)."""
     enable_grpc_ssl: bool = False
@@ -221,6 +231,10 @@ _INT_KEYS = (
     "max_request_size",
     "max_response_size",
     "max_download_size",
+    "grpc_inference_max_connection_age_ms",
+    "grpc_inference_max_connection_age_grace_ms",
+    "grpc_management_max_connection_age_ms",
+    "grpc_management_max_connection_age_grace_ms",
 )
 _FLOAT_KEYS = (
     "default_response_timeout",

@@ -14,6 +14,7 @@ import concurrent.futures
 import datetime
 import ipaddress
 import json
+import queue
 import socket
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from tests.torchserve_protos import client_modules, compile_protos, protoc, torc
 ROOT = Path(__file__).parent.parent
 ECHO = """
 import json
+import queue
 import time
 
 from ts.handler_utils.utils import send_intermediate_predict_response
@@ -385,6 +387,26 @@ def test_grpc_off_opens_no_port_and_a_taken_port_stops_the_start(tmp_path: Path)
             assert server.process.wait(60) == 1
             assert "gRPC inference port: cannot listen on" in server.log_text()
             assert "Address already in use" in server.log_text()
+
+
+def test_grpc_connections_close_at_their_max_age(tmp_path: Path, ts: dict[str, ModuleType]) -> None:
+    """``grpc_inference_max_connection_age_ms``: the server closes the connection after that age (the channel goes
+    idle, as after TorchServe's GOAWAY) and the next call connects again."""
+    empty = tmp_path / "store"
+    empty.mkdir()
+    config = grpc_config(grpc_inference_max_connection_age_ms="300", grpc_inference_max_connection_age_grace_ms="100")
+    with running_server(tmp_path / "run", empty, config=config, args=("--disable-token-auth", "--ncs")) as server:
+        states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+        aged = channel(server, "inference")
+        stub = ts["inference_pb2_grpc"].InferenceAPIsServiceStub(aged)
+        assert json.loads(stub.Ping(empty_pb2.Empty(), timeout=10).health) == {"status": "Healthy"}
+        aged.subscribe(states.put)
+        seen = [states.get(timeout=10)]
+        while seen[-1] is not grpc.ChannelConnectivity.IDLE:
+            seen.append(states.get(timeout=10))  # the server's GOAWAY, some 300 ms after the connection was made
+        assert seen[0] is grpc.ChannelConnectivity.READY
+        assert json.loads(stub.Ping(empty_pb2.Empty(), timeout=10).health) == {"status": "Healthy"}
+        aged.close()
 
 
 def test_grpc_settings_read_torchserves_keys() -> None:

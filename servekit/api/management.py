@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from servekit.api import lenient
 from servekit.api.auth import TokenAuth, TokenStore
@@ -311,10 +311,11 @@ def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = N
         app.add_middleware(TokenAuth, store=tokens, kind="management", open_paths=("/token", API_DESCRIPTION, "/docs"))
 
         @app.api_route("/token", methods=["GET", "POST", "PUT"], openapi_extra=documented("type", required=("type",)))
-        async def rotate_token(request: Request) -> FrontendJSON:
+        async def rotate_token(request: Request) -> Response:
+            """The new key is in the key file; the answer is TorchServe's: 200, an empty JSON body (a newline)."""
             assert tokens is not None
             tokens.rotate(request.query_params.get("type", ""), request.headers.get("authorization"))
-            return FrontendJSON({"status": f"{request.query_params['type']} key rotated; see {tokens.path.name}"})
+            return Response(b"\n", media_type="application/json")
 
     def require_model_api() -> None:
         check_model_api(settings)

@@ -8,6 +8,9 @@ returns the response, or an async generator of the responses when the server str
 raising a ``ServekitError``. The handlers are built from the descriptor, so no generated ``*_pb2_grpc`` module is
 needed, and the guard is bound once per method, not per call (no interceptor).
 
+A connection may be closed after ``max_connection_age_ms`` (its calls get ``max_connection_age_grace_ms`` more), as
+TorchServe's ``grpc_*_max_connection_age_ms`` keys say: the client reconnects, to another replica maybe.
+
 The server does not share its port (``SO_REUSEPORT`` off, unlike grpcio's default: a second server on the same port
 must fail to start, not take half the calls). The largest message a client may send is ``max_request_size``.
 """
@@ -57,6 +60,8 @@ class GrpcPort:
         kind: str,
         credentials: grpc.ServerCredentials | None = None,
         max_request_size: int,
+        max_connection_age_ms: int | None = None,
+        max_connection_age_grace_ms: int | None = None,
         access_log: bool = True,
     ) -> None:
         self.name = name
@@ -68,6 +73,10 @@ class GrpcPort:
         self.access_log = access_log
         self._write: Callable[[str], None] | None = None
         options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_request_size)]
+        if max_connection_age_ms is not None:
+            options.append(("grpc.max_connection_age_ms", max_connection_age_ms))
+        if max_connection_age_grace_ms is not None:
+            options.append(("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms))
         self.server = grpc.aio.server(options=options)
 
     def add(self, service: ServiceDescriptor, implementation: object, open_methods: Collection[str] = ()) -> None:

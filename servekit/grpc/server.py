@@ -11,6 +11,7 @@ implementation)`` (``servekit.grpc.port``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -57,17 +58,23 @@ def grpc_ports(settings: Settings, registry: ModelRegistry, tokens: TokenStore |
     """The inference and management ports with TorchServe's services; ``ConfigError`` for bad TLS settings."""
     tls = credentials(settings)
 
-    def port(name: str, host: str, number: int, kind: str) -> GrpcPort:
+    def port(name: str, kind: str) -> GrpcPort:
+        """The port of the ``grpc_<kind>_*`` settings."""
+
+        def setting(key: str) -> Any:
+            return getattr(settings, f"grpc_{kind}_{key}")
+
         return GrpcPort(
-            name, host, number, tokens=tokens, kind=kind, credentials=tls,
-            max_request_size=settings.max_request_size, access_log=settings.access_log,
+            name, setting("address"), setting("port"), tokens=tokens, kind=kind, credentials=tls,
+            max_request_size=settings.max_request_size, max_connection_age_ms=setting("max_connection_age_ms"),
+            max_connection_age_grace_ms=setting("max_connection_age_grace_ms"), access_log=settings.access_log,
         )  # fmt: skip
 
-    inference = port("gRPC inference", settings.grpc_inference_address, settings.grpc_inference_port, "inference")
+    inference = port("gRPC inference", "inference")
     inference.add(inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"], InferenceAPIs(registry), {"Ping"})
     open_inference = OpenInference(registry)
     for oip_service in (open_inference_pb2, open_inference_torchserve_pb2):
         inference.add(oip_service.DESCRIPTOR.services_by_name["GRPCInferenceService"], open_inference, OPEN_METHODS)
-    management = port("gRPC management", settings.grpc_management_address, settings.grpc_management_port, "management")
+    management = port("gRPC management", "management")
     management.add(management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"], ManagementAPIs(registry))
     return GrpcPorts(inference, management)
