@@ -95,7 +95,7 @@ class Pending:
     chunks: asyncio.Queue[bytes | ServekitError | None] | None = None  # a streamed response's chunks after the first
 
 
-async def _rest(chunks: asyncio.Queue[bytes | ServekitError | None]) -> AsyncIterator[bytes]:
+async def rest_of_stream(chunks: asyncio.Queue[bytes | ServekitError | None]) -> AsyncIterator[bytes]:
     """The chunks of a streamed response after its first: up to ``None``; an error ends the stream with it."""
     while (chunk := await chunks.get()) is not None:
         if isinstance(chunk, ServekitError):
@@ -282,7 +282,7 @@ class Batcher(Generic[W]):
                 pending.chunks.put_nowait(response.payload)
             elif not pending.future.done():
                 pending.chunks = asyncio.Queue()
-                pending.future.set_result(replace(response, more=_rest(pending.chunks)))
+                pending.future.set_result(replace(response, more=rest_of_stream(pending.chunks)))
 
     @staticmethod
     def _fail(batch: list[Pending], error: ServekitError) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from servekit.batcher import Batcher, BatchObserver, Pending, Workers
+from servekit.batcher import Batcher, BatchObserver, Pending, Workers, rest_of_stream
 from servekit.errors import ClientDisconnectedError, HandlerError, ServekitError, ServiceUnavailableError
 from servekit.protocol import Request, Response, Step
 
@@ -288,21 +288,13 @@ class ContinuousBatcher(Batcher[W]):
             pending.future.set_result(response)
         else:
             pending.chunks = asyncio.Queue()
-            pending.future.set_result(replace(response, more=_rest(pending.chunks)))
+            pending.future.set_result(replace(response, more=rest_of_stream(pending.chunks)))
 
     async def close(self, timeout: float) -> None:
         await super().close(timeout)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.cancel() and not waiter.cancelled() and waiter.exception() is None:
             self._pool.release(waiter.result())  # given, never taken
-
-
-async def _rest(chunks: asyncio.Queue[bytes | ServekitError | None]) -> AsyncIterator[bytes]:
-    """The chunks of a streamed answer after its first: up to ``None``; an error ends the stream with it."""
-    while (chunk := await chunks.get()) is not None:
-        if isinstance(chunk, ServekitError):
-            raise chunk
-        yield chunk
 
 
 def _error(response: Response) -> HandlerError:

@@ -45,6 +45,14 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: t
     return torch.einsum("nhw,nhwd->nhd", weights, values)
 
 
+def attend_prompt(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """A prompt's queries ([n, heads, head_dim]) over its one sequence's window ([heads, WINDOW, head_dim]), where
+    ``visible`` ([n, WINDOW]): the window is read in place, not copied for each query."""
+    scores = torch.einsum("nhd,hwd->nhw", q, keys) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~visible[:, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("nhw,hwd->nhd", weights, values)
+
+
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -61,9 +69,11 @@ class Block(nn.Module):
         values[step.slots, :, step.index] = v
         b = step.decoding
         heard = [attend(q[:b], keys[:b], values[:b], step.visible[:b])] if b else []
-        if x.shape[0] > b:  # the prompts: each token over its own sequence's window
-            rows = step.slots[b:]
-            heard.append(attend(q[b:], keys[rows], values[rows], step.visible[b:]))
+        start = b
+        for slot, length in step.prompts:  # each prompt's tokens over its sequence's window
+            end = start + length
+            heard.append(attend_prompt(q[start:end], keys[slot], values[slot], step.visible[start:end]))
+            start = end
         x = x + self.out(torch.cat(heard).reshape(-1, DIM))
         return x + self.mlp(self.norm2(x))
 
@@ -73,6 +83,7 @@ class Step:
 
     def __init__(self, cache: Cache, decoding: list[int], prompts: list[tuple[int, list[int]]]) -> None:
         self.decoding = len(decoding)
+        self.prompts = [(slot, len(prompt)) for slot, prompt in prompts]
         slots = list(range(self.decoding)) + [slot for slot, prompt in prompts for _ in prompt]
         at = decoding + [p for _, prompt in prompts for p in range(len(prompt))]
         self.slots, self.at = torch.tensor(slots, dtype=torch.long), torch.tensor(at, dtype=torch.long)
