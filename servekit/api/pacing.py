@@ -28,11 +28,14 @@ class Pacing:
     unused. "Straight back" is within ``retry_gap_s`` plus twice the event loop's recent lag (a busy loop reads
     every connection late: a client that came straight back is seen up to two turns of the loop later), which a
     timer measures every ``probe_s`` while there are refusals. Wake times fall on ``tick_s`` boundaries, so that
-    connections waking together are read in one turn of the event loop."""
+    connections waking together are read in one turn of the event loop; short ticks (5 ms), so that no turn reads a
+    burst of woken connections large enough to lag the loop, which would make paced clients look straight back
+    (50 ms ticks: open loop at 2x W1's capacity 0.22-0.23 of capacity served, 503 p50 0.2-2 s; 5 ms: 0.29-0.32,
+    503 p50 60-73 ms; benchmarks/RESULTS.md)."""
 
     rate = 400.0
     max_rest_s = 2.0
-    tick_s = 0.05
+    tick_s = 0.005
     retry_gap_s = 0.01
     probe_s = 0.01
 
