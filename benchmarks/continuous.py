@@ -22,16 +22,18 @@ sending to the first chunk, of the requests sent in the window; median and p90, 
 arrival to first chunk, ``servekit_request_latency_seconds``); the median gap between two tokens of one stream, which
 is one iteration of the worker, and TTFT in those iterations; from the server's metrics, requests per handler call
 (the iteration's batch, or the static batch) and the worker's busy fraction; the cores used by the front end, the
-workers and this client (from /proc). Models alternate within a round, and the order alternates
-between rounds; the table has the medians over rounds. The client is a small asyncio HTTP/1.1 reader in this process
-(one Python thread) on the same machine: on a shared machine, compare the ratios of one run, not absolute numbers
-across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default ``/tmp/servekit-bench``).
+workers and this client (from /proc). Models alternate within a round, and the order alternates between rounds;
+the table has the medians over rounds. The client is a small asyncio HTTP/1.1 reader in this process (one Python
+thread, on uvloop when it is installed, as the server is) on the same machine: on a shared machine, compare the
+ratios of one run, not absolute numbers across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default
+``/tmp/servekit-bench``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -45,10 +47,16 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "generative"
 PORT = 18600
+run: Callable[..., Any] = asyncio.run
+with contextlib.suppress(ImportError):  # the client's own loop: uvloop, as the server's, when installed
+    import uvloop
+
+    run = uvloop.run
 MODES = ("static", "continuous")
 
 
@@ -275,14 +283,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     process = start(work, prepare(work, args.batch_size, args.static))
     bodies = jobs(20000)
-    results: list[dict[str, object]] = []
+    results: list[dict[str, Any]] = []
     try:
         for streams in (int(s) for s in args.streams.split(",")):
             for round_ in range(args.rounds):
                 for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
-                    stats = asyncio.run(
-                        load(mode, streams, args.warmup, args.seconds, bodies, process.pid, args.think_ms)
-                    )
+                    stats = run(load(mode, streams, args.warmup, args.seconds, bodies, process.pid, args.think_ms))
                     row = {"streams": streams, "round": round_, "mode": mode, **summary(stats, args.seconds)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
