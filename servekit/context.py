@@ -85,21 +85,36 @@ class Context:
         self.model_yaml_config = model_yaml_config or {}
         self.stopping_criteria: Any = None
         self.cl_socket: Any = None
-        self.intermediate: Callable[[list[Any], int], None] | None = None  # set by the worker for each batch
+        # set by the worker for each batch: sends (request index, value) pairs as chunks, with a status code
+        self.intermediate: Callable[[list[tuple[int, Any]], int], None] | None = None
         # Sequence batching: the header names TorchServe's handlers read through the context. The front end sends the
         # sequence id and start under these names whatever ts_header_key_sequence_* say (docs/handlers.md).
         self.header_key_sequence_id = "ts_request_sequence_id"
         self.header_key_sequence_start = "ts_request_sequence_start"
         self.header_key_sequence_end = "ts_request_sequence_end"
 
-    def send_intermediate_response(self, values: list[Any], code: int = 200) -> None:
+    def send_intermediate_response(
+        self, values: list[Any], code: int = 200, request_ids: dict[int, str] | None = None
+    ) -> None:
         """Send ``values[i]`` to the client of request ``i`` of the batch now, as one chunk of a streamed (chunked)
-        response; ``handle``'s return value is the last chunk. TorchServe's ``send_intermediate_predict_response``."""
+        response; ``handle``'s return value is the last chunk. With ``request_ids`` (TorchServe's ``req_id_map``,
+        ``{i: request id}``), ``values[i]`` goes to the request of that id instead, so that a handler may send to some
+        requests of its batch only. TorchServe's ``send_intermediate_predict_response``."""
         if self.intermediate is None:
             raise RuntimeError("Intermediate responses can only be sent from a worker running a batch")
-        if len(values) != len(self.request_processor):
-            raise ValueError(f"Expected {len(self.request_processor)} intermediate values, one per request")
-        self.intermediate(values, code)
+        if request_ids is None:
+            if len(values) != len(self.request_processor):
+                raise ValueError(f"Expected {len(self.request_processor)} intermediate values, one per request")
+            self.intermediate(list(enumerate(values)), code)
+            return
+        index = {request_id: i for i, request_id in (self.request_ids or {}).items()}
+        pairs = []
+        for i, value in enumerate(values):
+            request_id = request_ids.get(i)
+            if request_id not in index:
+                raise ValueError(f"req_id_map[{i}] = {request_id!r} is no request of this batch")
+            pairs.append((index[request_id], value))
+        self.intermediate(pairs, code)
 
     def get_request_id(self, idx: int = 0) -> str | None:
         return self.request_ids.get(idx) if self.request_ids else None

@@ -213,7 +213,7 @@ class Worker:
         self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
         self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
         self.context.intermediate = lambda values, code: self._send_chunks(
-            [(i, self._response(i, value, code)) for i, value in enumerate(values)], indices
+            [(i, self._response(i, value, code)) for i, value in values], indices
         )
         try:
             results = entry(data, self.context)

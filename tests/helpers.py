@@ -217,3 +217,24 @@ def zygote_of(pid: int) -> int | None:
     """The pid of the worker zygote of the server ``pid``, if it has one."""
     workers = set(children_of(pid))
     return next((child for child in children_of(pid, zygote=True) if child not in workers), None)
+
+
+def pending(server: Server, model: str) -> int:
+    """The requests of ``model`` waiting for their turn (its describe's ``jobQueueStatus.pendingRequests``)."""
+    described = httpx.get(f"{server.management}/models/{model}", timeout=10).json()
+    return int(described[0]["jobQueueStatus"]["pendingRequests"])
+
+
+def reached(gate: Path) -> None:
+    """Wait until a batch waits at ``gate`` (the worker is busy with it)."""
+    deadline = time.monotonic() + 20
+    while not Path(f"{gate}.reached").exists():
+        assert time.monotonic() < deadline, "no batch reached the gate"
+        time.sleep(0.01)
+
+
+def wait_pending(server: Server, model: str, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while pending(server, model) != n:
+        assert time.monotonic() < deadline, f"{model}: {pending(server, model)} requests waiting, not {n}"
+        time.sleep(0.02)

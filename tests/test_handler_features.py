@@ -4,6 +4,7 @@ TorchServe's ``send_intermediate_predict_response``) reaches the client as chunk
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Server, make_archive, running_server
+from tests.helpers import Server, make_archive, reached, running_server, wait_pending
 
 STRICT_HANDLER = """
 from servekit.handler import InvalidInput
@@ -77,6 +78,28 @@ def handle(data, context):
     return ["done" for _ in data]
 """
 
+ADDRESSED_HANDLER = """
+import pathlib
+import time
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    bodies = [row["body"].decode() for row in data]
+    for body in bodies:
+        if body.startswith("wait:"):  # hold the worker until the test opens the gate
+            pathlib.Path(body[5:] + ".reached").touch()
+            while not pathlib.Path(body[5:]).exists():
+                time.sleep(0.01)
+    ids = context.request_ids
+    for i in reversed(range(len(data))):  # a chunk a call, to the request its req_id_map names, the last first
+        send_intermediate_predict_response([f"to {bodies[i]} of {len(data)};"], {0: ids[i]}, "ok", 200, context)
+    return ["done" for _ in data]
+"""
+
 BROKEN_STREAM_HANDLER = """
 def chunks():
     yield "partial answer"
@@ -107,6 +130,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "strict": STRICT_HANDLER,
         "stream": STREAM_HANDLER,
         "steps": INTERMEDIATE_HANDLER,
+        "addressed": ADDRESSED_HANDLER,
         "broken": BROKEN_STREAM_HANDLER,
     }
     for name, source in handlers.items():
@@ -178,6 +202,26 @@ def test_send_intermediate_predict_response_streams_torchserve_style(server: Ser
         assert response.status_code == 200 and response.headers["transfer-encoding"] == "chunked"
         body = b"".join(response.iter_raw())
     assert body == b"step 0;step 1;step 2;done"
+
+
+def test_intermediate_responses_go_to_the_requests_req_id_map_names(server: Server, tmp_path: Path) -> None:
+    """TorchServe's ``req_id_map``: a chunk goes to the request whose id the map gives, so a handler may send to one
+    request of its batch at a time (here each of a batch of two gets its own chunk, sent in reverse order)."""
+    gate = tmp_path / "open"
+
+    def ask(body: str) -> tuple[int, str]:
+        url = server.inference + "/predictions/addressed"
+        with httpx.stream("POST", url, content=body.encode(), timeout=60) as response:
+            return response.status_code, b"".join(response.iter_raw()).decode()
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        held = pool.submit(ask, f"wait:{gate}")
+        reached(gate)  # the worker is busy: the next two requests wait, and go together as one batch
+        first, second = pool.submit(ask, "first"), pool.submit(ask, "second")
+        wait_pending(server, "addressed", 2)
+        gate.touch()
+        answers = [held.result(60), first.result(60), second.result(60)]
+    assert answers == [(200, f"to wait:{gate} of 1;done"), (200, "to first of 2;done"), (200, "to second of 2;done")]
 
 
 def test_error_mid_stream_cuts_the_response_short(server: Server) -> None:

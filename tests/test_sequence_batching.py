@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from servekit import archiver
-from tests.helpers import Server, free_port, running_server
+from tests.helpers import Server, free_port, reached, running_server, wait_pending
 from tests.torchserve_protos import client_modules
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "stateful"
@@ -124,27 +124,6 @@ def answer(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
-
-
-def pending(server: Server, model: str) -> int:
-    """The requests of ``model`` waiting for their turn (its describe's ``jobQueueStatus.pendingRequests``)."""
-    described = httpx.get(f"{server.management}/models/{model}", timeout=10).json()
-    return int(described[0]["jobQueueStatus"]["pendingRequests"])
-
-
-def reached(gate: Path) -> None:
-    """Wait until a batch waits at ``gate`` (the worker is busy with it)."""
-    deadline = time.monotonic() + 20
-    while not Path(f"{gate}.reached").exists():
-        assert time.monotonic() < deadline, "no batch reached the gate"
-        time.sleep(0.01)
-
-
-def wait_pending(server: Server, model: str, n: int) -> None:
-    deadline = time.monotonic() + 20
-    while pending(server, model) != n:
-        assert time.monotonic() < deadline, f"{model}: {pending(server, model)} requests waiting, not {n}"
-        time.sleep(0.02)
 
 
 def test_a_request_without_a_sequence_id_starts_one_and_its_state_follows(server: Server) -> None:
