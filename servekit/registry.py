@@ -158,7 +158,7 @@ def new_batcher(
                 f"model config of {spec.name}: sequenceBatching with continuousBatching (TorchServe's"
                 " SequenceContinuousBatching) is not supported; set one of them"
             )
-        policy = sequence_policy(spec.config, settings.batch_size, settings.max_workers, keys)
+        policy = sequence_policy(spec.config, keys)
         return SequenceBatcher(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics, policy)
     kind = ContinuousBatcher if continuous_batching(spec.config) else Batcher
     return kind(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics)

@@ -16,9 +16,10 @@ Guarantees:
 - a sequence has at most one request at its worker: the next is sent once the previous is answered, in the order
   they arrived; a batch holds at most ``batch_size`` requests, each of a different sequence of the lane, the sequence
   whose waiting request is the oldest first;
-- ``maxNumSequence`` open sequences at most (at least ``batchSize`` x ``maxWorkers``, as TorchServe counts): a new
-  sequence beyond is refused 503 (``SequenceLimitError``), as is a request while ``maxSequenceJobQueueSize`` of its
-  sequence wait; ``jobQueueSize`` still bounds the requests waiting in all (``QueueFullError``);
+- ``maxNumSequence`` open sequences at most, as TorchServe 0.12 counts them (its floor of ``batchSize`` x
+  ``maxWorkers`` is computed before either is known, from zeros, so it never applies): a new sequence beyond is
+  refused 503 (``SequenceLimitError``), as is a request while ``maxSequenceJobQueueSize`` of its sequence wait;
+  ``jobQueueSize`` still bounds the requests waiting in all (``QueueFullError``);
 - a sequence ends once a request carrying the end header (``ts_request_sequence_end: true``) is answered, when the
   handler names it in that header of an answer (TorchServe's contract), after ``sequenceMaxIdleMSec`` without a
   request waiting or running (0: never), or ``sequenceTimeoutMSec`` after it started (0: never; requests already
@@ -98,9 +99,7 @@ def sequence_batching(model_yaml_config: Mapping[str, Any]) -> bool:
     return model_yaml_config.get("sequenceBatching") is True
 
 
-def sequence_policy(
-    config: Mapping[str, Any], batch_size: int, max_workers: int, keys: SequenceKeys = DEFAULT_KEYS
-) -> SequencePolicy:
+def sequence_policy(config: Mapping[str, Any], keys: SequenceKeys = DEFAULT_KEYS) -> SequencePolicy:
     """The policy of a model config; ``BadRequestError`` for a value that is not an integer in range."""
 
     def number(key: str, default: int, minimum: int) -> int:
@@ -113,7 +112,7 @@ def sequence_policy(
         max_idle_ms=number("sequenceMaxIdleMSec", 0, 0),
         timeout_ms=number("sequenceTimeoutMSec", 0, 0),
         max_queue=number("maxSequenceJobQueueSize", 1, 1),
-        max_sequences=max(number("maxNumSequence", 1, 1), batch_size * max(1, max_workers)),
+        max_sequences=number("maxNumSequence", 1, 1),
         keys=keys,
     )
 
