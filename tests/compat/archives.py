@@ -221,6 +221,29 @@ def handle(data, context):
     return [{"data": repr(data), "headers": {name: context.get_request_header(0, name) for name in probes}}]
 """
 
+# Sequence batching (TorchServe's contract): a running sum per sequence; the end header, echoed, closes it.
+SEQUENCE = """
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class Sums(BaseHandler):
+    def initialize(self, context):
+        self.sums = {}
+        self.initialized = True
+
+    def handle(self, data, context):
+        out = []
+        for i, row in enumerate(data):
+            sequence = context.get_sequence_id(i)
+            total = self.sums.get(sequence, 0) + int(bytes(row.get("data") or row.get("body")).decode())
+            self.sums[sequence] = total
+            if context.get_request_header(i, context.header_key_sequence_end) is not None:
+                context.set_response_header(i, context.header_key_sequence_end, sequence)
+                del self.sums[sequence]
+            out.append(str(total))
+        return out
+"""
+
 MNIST_MODEL = """
 import torch
 from torch import nn
@@ -295,6 +318,7 @@ SPECS = (
     Spec("slow", SLOW),
     Spec("described", DESCRIBED),
     Spec("describefn", DESCRIBE_FN),
+    Spec("sums", SEQUENCE, ONE_WORKER + "batchSize: 1\nsequenceBatching: true\nsequenceMaxIdleMSec: 60000\n"),
     Spec("mnist", MNIST_HANDLER, model="eager"),
     Spec("mnist_ts", MNIST_HANDLER, model="torchscript"),
     # registered by the cases, not at startup; no YAML, so the registration decides the workers

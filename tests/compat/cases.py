@@ -4,6 +4,7 @@ registrations, scaling, unregistering), each with the documented differences it 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ D_RETRY_AFTER = "| any 503 (no worker, queue full, unregistering) | with `Retry-
 D_BAD_PARAMETER = "`synchronous=maybe`, `customized=yes`) | **400** naming the parameter"
 D_NEVER_ANSWERED = "500 `Worker died.` in some runs, never answered in others"
 D_UNREGISTER_TIMEOUT = "| unregister while a request runs past `unregister_model_timeout` | the request may finish"
+D_SEQUENCE_ENDED = "| a request naming a sequence this server ended (closed, expired, lost with its worker)"
+D_SEQUENCE_FREED = "| a sequence that has ended (the end header in its last answer) | frees its place"
+D_SEQUENCE_NUMBERS = "| a 503 for `maxNumSequence` or `maxSequenceJobQueueSize` | TorchServe's words, then which limit"
 
 OCTET = (("content-type", "application/octet-stream"),)
 TEXT = (("content-type", "text/plain; charset=utf-8"),)
@@ -481,6 +485,42 @@ UNREGISTER_TIMEOUT = [
     case("describe_after_unregister_again", mgmt("GET", "/models/slow")),
 ]
 
+
+def in_sequence(sequence: str, body: bytes, end: bool = False, **kw: Any) -> Request:
+    headers = (("ts_request_sequence_id", sequence),) + ((("ts_request_sequence_end", "true"),) if end else ())
+    return req("POST", "/predictions/sums", body, headers, **kw)
+
+
+# ``sums`` holds one sequence at most (maxNumSequence 1, TorchServe's default), named by the client
+SEQUENCES = [
+    case("sequence_start", in_sequence("compat-a", b"1"), body="text", expected=(RESULT_CT,)),
+    case("sequence_goes_on", in_sequence("compat-a", b"2"), body="text", expected=(RESULT_CT,)),
+    case(
+        "sequence_over_max_num_sequence",
+        in_sequence("compat-b", b"5"),
+        expected=(
+            exp("header:retry-after", D_RETRY_AFTER),
+            exp(
+                "body",
+                D_SEQUENCE_NUMBERS,
+                lambda text: re.sub(r" \(\d+ sequences open, maxNumSequence=\d+\)", "", text),
+            ),
+        ),
+    ),
+    case("sequence_end", in_sequence("compat-a", b"4", end=True), body="text", expected=(RESULT_CT,)),
+    case(
+        "sequence_after_an_end",
+        in_sequence("compat-b", b"5", delay=2.0),  # TorchServe: still refused 2 s after the end
+        body="text",
+        expected=tuple(exp(aspect, D_SEQUENCE_FREED) for aspect in ("status", "header:content-type", "body")),
+    ),
+    case(
+        "sequence_ended_named_again",
+        in_sequence("compat-a", b"1"),
+        expected=tuple(exp(aspect, D_SEQUENCE_ENDED) for aspect in ("status", "header:content-type", "body")),
+    ),
+]
+
 CASES = (
     HEALTH_AND_ROUTES
     + RESULTS
@@ -490,4 +530,5 @@ CASES = (
     + UNSERVED
     + DESCRIBE_CUSTOMIZED
     + UNREGISTER_DURING_INFERENCE
+    + SEQUENCES
 )
