@@ -244,6 +244,38 @@ class Sums(BaseHandler):
         return out
 """
 
+# Continuous batching (TorchServe's contract): each call is one iteration, one chunk per request; a request of body
+# "N" counts 0 to N-1, and its stopping criterion ends it after its last number.
+CONTINUOUS = """
+class Counter:
+    def initialize(self, context):
+        self.left = {}
+        self.next = {}
+        self.initialized = True
+
+    def handle(self, data, context):
+        ids = [context.get_request_id(i) for i in range(len(data))]
+        chunks = []
+        for i, rid in enumerate(ids):
+            if rid not in self.left:  # its first iteration: its input
+                self.left[rid] = int(bytes(data[i].get("data") or data[i].get("body")).decode())
+                self.next[rid] = 0
+            chunks.append(f"{self.next[rid]};")
+            self.next[rid] += 1
+            self.left[rid] -= 1
+        context.stopping_criteria = [self.stopper(rid) for rid in ids]
+        return chunks
+
+    def stopper(self, rid):
+        def stop(chunk):
+            if self.left[rid] > 0:
+                return False
+            del self.left[rid], self.next[rid]
+            return True
+
+        return stop
+"""
+
 MNIST_MODEL = """
 import torch
 from torch import nn
@@ -319,6 +351,7 @@ SPECS = (
     Spec("described", DESCRIBED),
     Spec("describefn", DESCRIBE_FN),
     Spec("sums", SEQUENCE, ONE_WORKER + "batchSize: 1\nsequenceBatching: true\nsequenceMaxIdleMSec: 60000\n"),
+    Spec("counter", CONTINUOUS, ONE_WORKER + "batchSize: 4\nmaxBatchDelay: 50\ncontinuousBatching: true\n"),
     Spec("mnist", MNIST_HANDLER, model="eager"),
     Spec("mnist_ts", MNIST_HANDLER, model="torchscript"),
     # registered by the cases, not at startup; no YAML, so the registration decides the workers

@@ -33,6 +33,7 @@ D_NEVER_ANSWERED = "500 `Worker died.` in some runs, never answered in others"
 D_UNREGISTER_TIMEOUT = "| unregister while a request runs past `unregister_model_timeout` | the request may finish"
 D_SEQUENCE_ENDED = "| a request naming a sequence this server ended (closed, expired, lost with its worker)"
 D_SEQUENCE_FREED = "| a sequence that has ended (the end header in its last answer) | frees its place"
+D_ONE_CHUNK = "| a request that ends in the iteration it joins (its first chunk is its last) | answered"
 D_SEQUENCE_NUMBERS = "| a 503 for `maxNumSequence` or `maxSequenceJobQueueSize` | TorchServe's words, then which limit"
 
 OCTET = (("content-type", "application/octet-stream"),)
@@ -521,6 +522,25 @@ SEQUENCES = [
     ),
 ]
 
+# ``counter`` (continuous batching): a request of body "N" streams N chunks; TorchServe never answers one of 1
+CONTINUOUS = [
+    case("continuous_one_request", req("POST", "/predictions/counter", b"3"), body="text", expected=(RESULT_CT,)),
+    case(
+        "continuous_one_chunk",
+        req("POST", "/predictions/counter", b"1", timeout=10),
+        body="text",
+        expected=(exp("status", D_ONE_CHUNK),),
+    ),
+    case(
+        "continuous_requests_of_different_lengths",
+        req("POST", "/predictions/counter", b"5"),
+        req("POST", "/predictions/counter", b"2", delay=0.01),
+        req("POST", "/predictions/counter", b"1", delay=0.02, timeout=10),
+        body="text",
+        expected=(*(exp(f"header:content-type[{i}]", D_RESULT_TYPE) for i in range(2)), exp("status[2]", D_ONE_CHUNK)),
+    ),
+]
+
 CASES = (
     HEALTH_AND_ROUTES
     + RESULTS
@@ -531,4 +551,5 @@ CASES = (
     + DESCRIBE_CUSTOMIZED
     + UNREGISTER_DURING_INFERENCE
     + SEQUENCES
+    + CONTINUOUS
 )
