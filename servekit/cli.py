@@ -22,8 +22,9 @@ from pathlib import Path
 
 from servekit import archiver, server, tls
 from servekit.api.keys import supplied_keys
-from servekit.config import Settings, load_settings
+from servekit.config import load_settings
 from servekit.errors import ServekitError
+from servekit.settings import Settings
 
 
 def _add_start_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,9 +27,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
-from servekit.config import Settings
 from servekit.destination import Resolve, checked_addresses, resolver
 from servekit.errors import ConflictError, DownloadError
+from servekit.settings import Settings
 
 T = TypeVar("T")
 

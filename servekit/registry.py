@@ -22,7 +22,7 @@ from typing import Any
 from servekit import forkserver
 from servekit.archive import ModelSpec
 from servekit.batcher import Batcher
-from servekit.config import Settings, detect_gpu_count
+from servekit.config import detect_gpu_count
 from servekit.continuous_batcher import ContinuousBatcher
 from servekit.errors import (
     BadRequestError,
@@ -43,6 +43,7 @@ from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
 from servekit.protocol import Failure, LoadCommand, Request, Response, continuous_batching, failure_message
 from servekit.sequence_batcher import DEFAULT_KEYS, SequenceBatcher, SequenceKeys, sequence_batching, sequence_policy
+from servekit.settings import Settings
 
 logger = logging.getLogger("servekit.registry")
 

@@ -37,10 +37,10 @@ from servekit.api.keys import supplied_keys
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
 from servekit.archive import ARCHIVE_SUFFIXES, open_archive
-from servekit.config import Address, Settings
 from servekit.errors import ConfigError, ServekitError
 from servekit.metrics import Metrics
 from servekit.registry import ModelRegistry
+from servekit.settings import Address, Settings
 from servekit.tls import server_context
 
 if TYPE_CHECKING:

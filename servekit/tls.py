@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.config import Settings
 from servekit.errors import ConfigError
+from servekit.settings import Settings
 
 ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
 JAVA_KEYSTORES = {b"\xfe\xed\xfe\xed": "JKS", b"\xce\xce\xce\xce": "JCEKS"}  # their files' magic numbers

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from servekit.config import Address, Settings, load_settings, parse_properties
+from servekit.config import load_settings, parse_properties
 from servekit.errors import ConfigError
+from servekit.settings import Address, Settings
 
 
 @pytest.fixture(autouse=True)

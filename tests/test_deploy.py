@@ -34,7 +34,8 @@ from packaging.utils import canonicalize_name
 
 from servekit import cli
 from servekit.api.keys import read_key_file
-from servekit.config import KEY_VARIABLES, Settings, load_settings, parse_properties
+from servekit.config import KEY_VARIABLES, load_settings, parse_properties
+from servekit.settings import Settings
 from tests.helpers import build_mlp, free_port, stop_process, wait_healthy
 from tests.test_cli import run_read_only
 from tests.test_configs import metric_names

@@ -30,8 +30,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from servekit.api.http import protocol_with
-from servekit.config import Address, load_settings, settings_from
+from servekit.config import load_settings, settings_from
 from servekit.errors import ConfigError
+from servekit.settings import Address
 from servekit.tls import server_context
 from tests.helpers import Server, free_port, make_archive, running_server, write_config
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from servekit.config import KEY_VARIABLES, Settings
+from servekit.config import KEY_VARIABLES
 from servekit.errors import ConfigError
+from servekit.settings import Settings
 
 logger = logging.getLogger("servekit.auth")
 

@@ -21,7 +21,6 @@ from servekit.api.errors import install_error_handlers
 from servekit.api.frontend import FrontendJSON
 from servekit.api.http import new_request_id
 from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
-from servekit.config import Settings
 from servekit.download import download, is_remote
 from servekit.errors import (
     ArchiveNotFoundError,
@@ -32,6 +31,7 @@ from servekit.errors import (
 )
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import Model, ModelRegistry, registration_workers
+from servekit.settings import Settings
 
 PROCESSING = {"status": "Processing worker updates..."}
 API_DESCRIPTION = "/api-description"

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 
 from servekit.api.auth import TokenStore
-from servekit.config import Settings
 from servekit.errors import ConfigError
 from servekit.grpc.generated import inference_pb2, management_pb2, open_inference_pb2, open_inference_torchserve_pb2
 from servekit.grpc.inference import InferenceAPIs
@@ -24,6 +23,7 @@ from servekit.grpc.management import ManagementAPIs
 from servekit.grpc.open_inference import OPEN_METHODS, OpenInference
 from servekit.grpc.port import GrpcPort
 from servekit.registry import ModelRegistry
+from servekit.settings import Settings
 from servekit.tls import load_identity
 
 
