@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from servekit import oip, protocol
+from servekit import oip, oip_tensor, protocol
 from servekit.handler import Context
 
 logger = logging.getLogger("servekit.tensors")
@@ -34,7 +34,7 @@ class TensorRunner:
         self.output_names = [spec.name for spec in oip.specs_from_config(config, "outputs")]
 
     def answer(self, requests: list[protocol.Request]) -> list[protocol.Response]:
-        decoded = [oip.from_worker_payload(r.fields[0].value) for r in requests]
+        decoded = [oip_tensor.from_worker_payload(r.fields[0].value) for r in requests]
         groups: dict[Any, list[int]] = {}
         for i, (_, inputs) in enumerate(decoded):
             groups.setdefault(self._signature(inputs, i), []).append(i)
@@ -59,8 +59,8 @@ class TensorRunner:
             merged = {}
             for name, (datatype, shape, _) in group[0][1].items():
                 rows = shape if sizes is None else [sum(sizes), *shape[1:]]
-                merged[name] = oip.as_tensor(datatype, rows, b"".join(inputs[name][2] for _, inputs in group))
-            outputs = oip.Outputs(self._call(merged), sizes)
+                merged[name] = oip_tensor.as_tensor(datatype, rows, b"".join(inputs[name][2] for _, inputs in group))
+            outputs = oip_tensor.Outputs(self._call(merged), sizes)
         except (NotImplementedError, KeyError, TypeError, ValueError) as exc:
             return [v2_error(400, f"model {self.context.model_name}: {type(exc).__name__}: {exc}")] * len(group)
         except Exception as exc:
