@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from servekit import errors
-from servekit.api.management import model_config_fields
+from servekit.api.description import model_config_fields
 from servekit.encoding import frontend_json, handler_json
 from tests.helpers import Server, make_archive, running_server
 

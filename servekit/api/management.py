@@ -1,39 +1,28 @@
 """The management API (port 8081), with TorchServe's paths, parameters, JSON field names and status codes:
-register, list, describe, scale, set-default and unregister models."""
+register, list, describe, scale, set-default and unregister models. What it shares with the gRPC management API, the
+describe fields and the registration, is in ``servekit.api.description`` and ``servekit.api.registration``."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from servekit.api import lenient
 from servekit.api.auth import TokenAuth, TokenStore
+from servekit.api.description import customized_metadata, describe, model_page
 from servekit.api.dispatch import FRAMING_HEADERS, header_map
 from servekit.api.errors import install_error_handlers
 from servekit.api.frontend import FrontendJSON
 from servekit.api.http import new_request_id
-from servekit.archive import ARCHIVE_SUFFIXES, ModelSpec, open_archive
-from servekit.download import download, is_remote
-from servekit.errors import (
-    ArchiveNotFoundError,
-    BadRequestError,
-    MethodNotAllowedError,
-    ServekitError,
-    WorkerStartError,
-)
+from servekit.api.registration import PROCESSING, check_model_api, load_spec, register_model
+from servekit.archive import ARCHIVE_SUFFIXES
+from servekit.errors import ArchiveNotFoundError, BadRequestError, ServekitError
 from servekit.protocol import Request as WorkerRequest
-from servekit.registry import Model, ModelRegistry, registration_workers
-from servekit.settings import Settings
+from servekit.registry import Model, ModelRegistry
 
-PROCESSING = {"status": "Processing worker updates..."}
 API_DESCRIPTION = "/api-description"
 MODEL_PATHS = ("/models/{name}", "/models/{name}/{version}", "/models/{name}/{version}/set-default")
 
@@ -45,104 +34,6 @@ def documented(*names: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
             {"name": name, "in": "query", "required": name in required, "schema": {"type": "string"}} for name in names
         ]
     }
-
-
-PARALLEL_TYPES = ("pp", "tp", "pptp", "custom")
-
-
-def yaml_int(config: Mapping[str, Any], key: str, default: int, minimum: int = 0) -> int:
-    """An integer of the model-config YAML as TorchServe's ``ModelConfig`` reads it: ``default`` unless it is an
-    integer (not a boolean), then at least ``minimum``."""
-    value = config.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return max(minimum, value)
-    return default
-
-
-def model_config_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The describe fields TorchServe 0.12 reads from the model-config YAML (``ModelConfig`` and ``Model``), with its
-    defaults and in its order: those before ``deviceType`` and those after it. The sequence settings count only when
-    ``sequenceMaxIdleMSec`` is over 0, as in TorchServe."""
-    level = yaml_int(config, "parallelLevel", 0)
-    torchrun = config.get("torchrun")
-    if isinstance(torchrun, dict):
-        level = yaml_int(torchrun, "nproc-per-node", 1)
-    kind = str(config.get("parallelType", "")).lower() if isinstance(config.get("parallelType"), str) else ""
-    parallel = level > 0 and kind in PARALLEL_TYPES
-    idle = yaml_int(config, "sequenceMaxIdleMSec", 0)
-    return {
-        "maxRetryTimeoutInSec": yaml_int(config, "maxRetryTimeoutInSec", 300),
-        "clientTimeoutInMills": yaml_int(config, "clientTimeoutInMills", 0),
-        "parallelType": kind if parallel else "",
-        "parallelLevel": level if parallel else 0,
-    }, {
-        "continuousBatching": config.get("continuousBatching") is True,
-        "useJobTicket": config.get("useJobTicket") is True,
-        "useVenv": config.get("useVenv") is True,
-        "stateful": config.get("sequenceBatching") is True,
-        "sequenceMaxIdleMSec": idle,
-        "sequenceTimeoutMSec": yaml_int(config, "sequenceTimeoutMSec", 0) if idle else 0,
-        "maxNumSequence": yaml_int(config, "maxNumSequence", 1, minimum=1) if idle else 0,
-        "maxSequenceJobQueueSize": yaml_int(config, "maxSequenceJobQueueSize", 1, minimum=1) if idle else 0,
-    }
-
-
-def describe(model: Model) -> dict[str, Any]:
-    """TorchServe's describe fields for one model version, in its order (``DescribeModelResponse``)."""
-    s = model.settings
-    before_device, after_device = model_config_fields(model.spec.config)
-    return {
-        "modelName": model.name,
-        "modelVersion": model.version,
-        "modelUrl": model.url,
-        "runtime": model.spec.runtime,
-        "minWorkers": s.min_workers,
-        "maxWorkers": s.max_workers,
-        "batchSize": s.batch_size,
-        "maxBatchDelay": s.max_batch_delay,
-        "responseTimeout": int(s.response_timeout),
-        "startupTimeout": int(s.startup_timeout),
-        **before_device,
-        "deviceType": s.device_type,
-        **({"deviceIds": list(s.gpu_ids)} if s.gpu_ids else {}),
-        **after_device,
-        "loadedAtStartup": model.loaded_at_startup,
-        "workers": [
-            {
-                "id": w.id,
-                "startTime": datetime.fromtimestamp(w.start_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-                "status": w.status,
-                "memoryUsage": w.memory_usage(),
-                "pid": w.pid,
-                "gpu": w.gpu_id is not None,
-                "gpuUsage": "N/A",
-            }
-            for w in model.pool.workers
-        ],
-        "jobQueueStatus": {
-            "remainingCapacity": s.job_queue_size - model.batcher.depth,
-            "pendingRequests": model.batcher.depth,
-        },
-    }
-
-
-def customized_metadata(payload: bytes) -> dict[str, Any]:
-    """What the handler's ``describe_handle`` answered, as TorchServe reads and writes it again (Gson): a JSON object,
-    or the JSON text of one, read leniently, without its members whose value is ``null`` (at any depth; ``null`` in
-    a list stays); anything else (a plain string, ``None``, a list, a number) as ``{}``."""
-    try:
-        value = lenient.loads(payload.decode(errors="replace"))
-    except (ValueError, RecursionError):
-        return {}
-    return without_nulls(value) if isinstance(value, dict) else {}
-
-
-def without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_nulls(v) for v in value]
-    return value
 
 
 def int_param(params: dict[str, Any], name: str, default: int | None = None, minimum: int = 0) -> int | None:
@@ -185,104 +76,6 @@ async def request_params(request: Request) -> dict[str, Any]:
             raise BadRequestError("The JSON body must be an object")
         params.update(body)
     return params
-
-
-def local_archive(url: str, store: Path) -> Path:
-    """A model store entry named by ``url`` (a name, a relative path, or ``file://`` inside the store)."""
-    path_text = unquote(urlsplit(url).path) if url.startswith("file://") else url
-    path = Path(path_text)
-    if ".." in PurePosixPath(path_text).parts:
-        raise ArchiveNotFoundError(f"Relative path is not allowed in url: {url}")  # TorchServe's 404 and words
-    resolved = (path if path.is_absolute() else store / path).resolve()
-    if not resolved.is_relative_to(store.resolve()):
-        raise BadRequestError(f"Model url {url} is outside the model store")
-    return resolved
-
-
-def model_page(registry: ModelRegistry, size: int, start: int) -> dict[str, Any]:
-    """A page of the model list (REST's ``GET /models``, gRPC's ``ListModels``): the default version of ``size``
-    models by name from the ``start``-th, and the next page's token when more follow."""
-    models = registry.defaults()
-    page = [{"modelName": m.name, "modelUrl": m.url} for m in models[start : start + size]]
-    if start + size < len(models):
-        return {"nextPageToken": str(start + size), "models": page}
-    return {"models": page}
-
-
-def check_model_api(settings: Settings) -> None:
-    """Raise ``MethodNotAllowedError`` unless registering and unregistering models is on (``enable_model_api``)."""
-    if not settings.enable_model_api:
-        raise MethodNotAllowedError("Model API is disabled: start servekit with --enable-model-api")
-
-
-async def load_spec(settings: Settings, params: Mapping[str, Any]) -> tuple[ModelSpec, str, Path | None]:
-    """Open the archive a registration names (``url``; ``model_name``, ``handler``, ``runtime`` override its
-    manifest): its spec, the url, and the file downloaded for it if it was remote."""
-    url = params.get("url")
-    if url is None:
-        raise BadRequestError("Parameter url is required.")
-    if not isinstance(url, str):
-        raise BadRequestError(f"Parameter url must be a string, got {url!r}")
-    if not url:
-        raise ArchiveNotFoundError("empty url")  # TorchServe's 404 and words
-    if settings.model_store is None:
-        raise BadRequestError("Model store has not been configured.")
-    runtime = params.get("runtime")
-    if runtime is not None and runtime not in ("python", "python3"):
-        raise BadRequestError(f"Parameter runtime must be python or python3, got {runtime!r}")
-    downloaded = None
-    if is_remote(url):
-        downloaded = await download(url, settings.model_store, settings)
-        path = downloaded
-    else:
-        path = local_archive(url, settings.model_store)
-        if not path.exists():
-            raise ArchiveNotFoundError(f"Model not found at: {url}")
-    try:
-        spec = await asyncio.to_thread(open_archive, path, params.get("model_name") or None)
-    except BaseException:
-        if downloaded is not None:
-            downloaded.unlink(missing_ok=True)
-        raise
-    model_section = spec.manifest["model"]
-    if params.get("handler"):
-        model_section["handler"] = str(params["handler"])
-    if runtime is not None:
-        spec.manifest["runtime"] = runtime
-    return spec, url, downloaded
-
-
-async def register_model(
-    registry: ModelRegistry, params: Mapping[str, Any], overrides: Mapping[str, int | None], synchronous: bool
-) -> tuple[int, str]:
-    """Register the model of ``params`` (see ``load_spec``) with the ``overrides`` of its settings: REST's
-    ``POST /models`` and gRPC's ``RegisterModel``. Returns TorchServe's status code and message."""
-    check_model_api(registry.settings)
-    spec, url, downloaded = await load_spec(registry.settings, params)
-    try:
-        model = await registry.register(
-            spec,
-            url,
-            overrides,
-            synchronous=synchronous,
-            downloaded=downloaded,
-            default_workers=registration_workers(registry.settings),
-            keep_failed=True,
-        )
-    except WorkerStartError:
-        raise  # registered all the same, with no workers: its files stay
-    except BaseException:
-        spec.remove_staging()
-        if downloaded is not None:
-            downloaded.unlink(missing_ok=True)
-        raise
-    n = model.settings.min_workers
-    message = f'Model "{model.name}" Version: {model.version} registered with {n} initial workers'
-    if n == 0:  # 200 even with synchronous=false, as TorchServe: there is nothing to wait for
-        return 200, message + ". Use scale workers API to add workers for the model."
-    if not synchronous:
-        return 202, PROCESSING["status"]
-    return 200, message
 
 
 def create_management_app(registry: ModelRegistry, tokens: TokenStore | None = None) -> FastAPI:

@@ -15,15 +15,9 @@ from typing import Any
 
 import grpc
 
+from servekit.api.description import customized_metadata, describe, model_page
 from servekit.api.http import new_request_id
-from servekit.api.management import (
-    PROCESSING,
-    check_model_api,
-    customized_metadata,
-    describe,
-    model_page,
-    register_model,
-)
+from servekit.api.registration import PROCESSING, check_model_api, register_model
 from servekit.errors import BadRequestError
 from servekit.grpc.generated.management_pb2 import (
     DescribeModelRequest,
