@@ -4,6 +4,7 @@
     python benchmarks/continuous.py --streams 64 --rounds 1 --seconds 10              # a quick look
     python benchmarks/continuous.py --static shrink       # against a static batch that drops finished rows
     python benchmarks/continuous.py --think-ms 20         # streams pause between requests (arrivals not in step)
+    python benchmarks/continuous.py --client python       # the streams from this process's asyncio client, not C
 
 One servekit (this checkout) serves the tiny transformer of ``examples/generative`` twice, with the same handler file
 and settings (1 worker, ``batchSize`` ``--batch-size``, 64 by default): ``continuous`` with ``continuousBatching:
@@ -22,11 +23,18 @@ sending to the first chunk, of the requests sent in the window; median and p90, 
 arrival to first chunk, ``servekit_request_latency_seconds``); the median gap between two tokens of one stream, which
 is one iteration of the worker, and TTFT in those iterations; from the server's metrics, requests per handler call
 (the iteration's batch, or the static batch) and the worker's busy fraction; the cores used by the front end, the
-workers and this client (from /proc). Models alternate within a round, and the order alternates between rounds;
-the table has the medians over rounds. The client is a small asyncio HTTP/1.1 reader in this process (one Python
-thread, on uvloop when it is installed, as the server is) on the same machine: on a shared machine, compare the
-ratios of one run, not absolute numbers across runs. Results go to ``$BENCH_WORKDIR/continuous.json`` (default
-``/tmp/servekit-bench``).
+workers and the client (from /proc; the C client's from its getrusage). Models alternate within a round, and the
+order alternates between rounds; the table has the medians over rounds.
+
+The client (``--client``) is ``benchmarks/streamclient.c`` by default, compiled with ``cc`` into ``$BENCH_WORKDIR``
+on first use: one C process, one thread and epoll, that runs the streams as described and prints what it measured
+(tokens, requests, errors, each TTFT and each gap) for this script's table. ``--client python`` (the default where
+there is no ``cc``) runs the same streams as a small asyncio HTTP/1.1 reader in this process (one Python thread, on
+uvloop when it is installed, as the server is): it measures the same tokens per second and iteration, but on two
+cores its own event loop added 0.5 ms or so (0.1-0.2 of an iteration, 1 ms and more when the machine is busy) to each
+time to first token, and it used ~0.2 core, the C client ~0.1. Either runs on the same machine as the server: on a
+shared machine, compare the ratios of one run, not absolute numbers across runs. Results go to
+``$BENCH_WORKDIR/continuous.json`` (default ``/tmp/servekit-bench``).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -211,26 +220,71 @@ def handler_calls(model: str) -> tuple[float, float, float, float, float]:
     )
 
 
+async def measure(model: str, warmup: float, seconds: float, server: int, stats: Stats) -> None:
+    """The window's cores (``cpu``) and handler calls, from ``warmup`` s on for ``seconds``."""
+    await asyncio.sleep(warmup)
+    before, calls = cpu(server), await asyncio.to_thread(handler_calls, model)
+    await asyncio.sleep(seconds)
+    stats.cpu = tuple((after - b) / seconds for after, b in zip(cpu(server), before, strict=True))
+    after = await asyncio.to_thread(handler_calls, model)
+    stats.calls = tuple(a - b for a, b in zip(after, calls, strict=True))
+
+
 async def load(
     model: str, streams: int, warmup: float, seconds: float, bodies: list[bytes], server: int, think_ms: float
 ) -> Stats:
+    """The Python client: ``streams`` coroutines of this process."""
     stats = Stats()
     start = time.perf_counter() + warmup
     end = start + seconds
-
-    async def measure() -> None:
-        await asyncio.sleep(warmup)
-        before, calls = cpu(server), await asyncio.to_thread(handler_calls, model)
-        await asyncio.sleep(seconds)
-        stats.cpu = tuple((after - b) / seconds for after, b in zip(cpu(server), before, strict=True))
-        after = await asyncio.to_thread(handler_calls, model)
-        stats.calls = tuple(a - b for a, b in zip(after, calls, strict=True))
-
     pauses = [
         functools.partial(random.Random(i).expovariate, 1000 / think_ms) if think_ms else None for i in range(streams)
     ]
     clients = [stream(model, bodies[i::streams], start, end, stats, pauses[i]) for i in range(streams)]
-    await asyncio.gather(measure(), *clients)
+    await asyncio.gather(measure(model, warmup, seconds, server, stats), *clients)
+    return stats
+
+
+DRAIN = 30.0  # seconds the C client waits for the answers still in flight at the end of the window
+
+
+def streamclient(work: Path) -> Path:
+    """benchmarks/streamclient.c, compiled into ``work`` when it is missing or older than its source."""
+    binary = work / "streamclient"
+    source = Path(__file__).with_name("streamclient.c")
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lm"], check=True)
+    return binary
+
+
+async def load_c(
+    binary: Path, model: str, streams: int, warmup: float, seconds: float, bodies: Path, server: int, think_ms: float
+) -> Stats:
+    """The C client (benchmarks/streamclient.c) in a process of its own: the same streams, window and records as
+    ``load``'s."""
+    stats = Stats()
+    args = ["127.0.0.1", str(PORT), model, str(bodies), str(streams), str(warmup), str(seconds), str(think_ms), "0"]
+    pipe = asyncio.subprocess.PIPE
+    process = await asyncio.create_subprocess_exec(str(binary), *args, str(DRAIN), stdout=pipe, stderr=pipe)
+    try:  # the client ends DRAIN s after the window at the latest, whatever the server does; this in case it does not
+        _, (out, err) = await asyncio.wait_for(
+            asyncio.gather(measure(model, warmup, seconds, server, stats), process.communicate()),
+            warmup + seconds + DRAIN + 30,
+        )
+    except TimeoutError:
+        raise RuntimeError(f"streamclient did not end within {warmup + seconds + DRAIN + 30:g} s: killed") from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode:
+        raise RuntimeError(f"streamclient exited {process.returncode}: {err.decode(errors='replace')}")
+    result = json.loads(out)
+    stats.tokens, stats.requests, stats.errors = result["tokens"], result["requests"], result["errors"]
+    stats.ttft, stats.gaps = result["ttft"], result["gaps"]
+    stats.cpu = (*stats.cpu[:2], result["cpu_window_s"] / seconds)  # its CPU, not this process's
+    if stats.errors:
+        print(f"streamclient: errors {result['errors_by_kind']}", file=sys.stderr, flush=True)
     return stats
 
 
@@ -278,17 +332,31 @@ def main() -> None:
         help="static batching's rows: all kept to the end of the batch, as model.generate does (fixed), or taken out "
         "as their requests finish (shrink)",
     )
+    parser.add_argument(
+        "--client",
+        choices=("c", "python"),
+        default="c" if shutil.which("cc") else "python",
+        help="the streams' client: benchmarks/streamclient.c, compiled with cc (the default when there is a cc), or "
+        "this process's asyncio client, whose own loop adds ~1 ms to each time to first token",
+    )
     args = parser.parse_args()
     work = Path(os.environ.get("BENCH_WORKDIR", "/tmp/servekit-bench")) / "continuous"
     work.mkdir(parents=True, exist_ok=True)
-    process = start(work, prepare(work, args.batch_size, args.static))
     bodies = jobs(20000)
+    binary = streamclient(work.parent) if args.client == "c" else None
+    lines = work / "bodies.jsonl"  # for the C client: one body a line
+    lines.write_bytes(b"".join(body + b"\n" for body in bodies))
+    process = start(work, prepare(work, args.batch_size, args.static))
     results: list[dict[str, Any]] = []
     try:
         for streams in (int(s) for s in args.streams.split(",")):
             for round_ in range(args.rounds):
                 for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
-                    stats = run(load(mode, streams, args.warmup, args.seconds, bodies, process.pid, args.think_ms))
+                    if binary is None:
+                        stats = run(load(mode, streams, args.warmup, args.seconds, bodies, process.pid, args.think_ms))
+                    else:
+                        window = (streams, args.warmup, args.seconds)
+                        stats = run(load_c(binary, mode, *window, lines, process.pid, args.think_ms))
                     row = {"streams": streams, "round": round_, "mode": mode, **summary(stats, args.seconds)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
@@ -296,7 +364,8 @@ def main() -> None:
         stop(process)
     (work.parent / "continuous.json").write_text(json.dumps(results, indent=1))
     think = f", think {args.think_ms:g} ms" if args.think_ms else ""
-    print(f"\nbatchSize {args.batch_size}, static {args.static}{think}, {args.rounds} x {args.seconds:g} s; medians:")
+    setting = f"batchSize {args.batch_size}, static {args.static}{think}, client {args.client}"
+    print(f"\n{setting}, {args.rounds} x {args.seconds:g} s; medians:")
     print(TABLE)
     for streams in (int(s) for s in args.streams.split(",")):
         rows = {mode: [r for r in results if r["streams"] == streams and r["mode"] == mode] for mode in MODES}
