@@ -1,8 +1,8 @@
 """ModelRegistry: the models being served, by name and version, each with its pool and batcher.
 
-The registry resolves a model's effective settings (API parameters, then the archive's model-config
-YAML, then the ``models`` entry of config.properties, then server defaults, as TorchServe does), starts
-and scales its workers, keeps the default version of each name, and answers lookups for the HTTP layer.
+The registry resolves a model's effective settings (``servekit.model_settings``), builds its ``Model``
+(``servekit.model``), starts and scales its workers, keeps the default version of each name, and answers lookups
+for the HTTP layer.
 After every change that succeeds it calls ``on_change`` (the server writes a snapshot there).
 Runs in the front-end process.
 """
@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from servekit import forkserver
 from servekit.archive import ModelSpec
-from servekit.batcher import Batcher
-from servekit.config import detect_gpu_count
-from servekit.continuous_batcher import ContinuousBatcher
 from servekit.errors import (
     BadRequestError,
     ConflictError,
@@ -37,163 +32,17 @@ from servekit.errors import (
     WorkerStartError,
 )
 from servekit.forkserver import ForkServer
-from servekit.metrics import Metrics, ModelMetrics, ModelState
-from servekit.oip import TensorSpec, specs_from_config
+from servekit.metrics import Metrics, ModelState
+from servekit.model import Model, new_batcher
+from servekit.model_settings import resolve_settings, torch_threads
+from servekit.oip import specs_from_config
 from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
-from servekit.protocol import Failure, LoadCommand, Request, Response, continuous_batching, failure_message
-from servekit.sequence_batcher import DEFAULT_KEYS, SequenceBatcher, SequenceKeys, sequence_batching, sequence_policy
+from servekit.protocol import Failure, LoadCommand, Request, Response, failure_message
+from servekit.sequence_batcher import SequenceKeys
 from servekit.settings import Settings
 
 logger = logging.getLogger("servekit.registry")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSettings:
-    """The effective settings of one model version."""
-
-    min_workers: int
-    max_workers: int
-    batch_size: int = 1
-    max_batch_delay: int = 100  # ms
-    response_timeout: float = 120.0
-    startup_timeout: float = 120.0
-    job_queue_size: int = 100
-    device_type: str = "cpu"
-    gpu_ids: tuple[int, ...] = ()
-
-
-def _int(source: str, key: str, value: Any, minimum: int = 0) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequestError(f"{source}: {key} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise BadRequestError(f"{source}: {key} must be at least {minimum}, got {number}")
-    return number
-
-
-def registration_workers(settings: Settings) -> int:
-    """The workers of a management API registration that names no ``initial_workers`` and whose model-config YAML
-    sets no ``minWorkers``: ``default_workers_per_model`` when the configuration sets it, else 0, as in TorchServe
-    (its ``getConfiguredDefaultWorkersPerModel``). Startup models get ``default_workers_per_model`` (default 1)."""
-    return settings.default_workers_per_model if settings.raw.get("default_workers_per_model") else 0
-
-
-def resolve_settings(
-    spec: ModelSpec, settings: Settings, params: Mapping[str, Any] | None = None, default_workers: int | None = None
-) -> ModelSettings:
-    """Effective settings: ``params`` (API or ``--models``) > model-config YAML > ``models`` JSON > defaults
-    (``default_workers``, else ``default_workers_per_model``, for the workers)."""
-    yaml_config = spec.config
-    json_config = settings.models.get(spec.name, {}).get(spec.version, {})
-    params = params or {}
-
-    def pick(param: str, yaml_key: str, default: Any, minimum: int = 0) -> int:
-        for source, mapping, key in (
-            ("parameter", params, param),
-            ("model config", yaml_config, yaml_key),
-            ("models", json_config, yaml_key),
-        ):
-            if mapping.get(key) is not None:
-                return _int(source, key, mapping[key], minimum)
-        return int(default)
-
-    if default_workers is None:
-        default_workers = settings.default_workers_per_model
-    workers = pick("initial_workers", "minWorkers", default_workers)
-    max_workers = max(workers, pick("max_workers", "maxWorkers", workers))
-    device_type = str(yaml_config.get("deviceType", "gpu")).lower()
-    gpu_count = detect_gpu_count(settings)
-    gpu_ids: tuple[int, ...] = ()
-    if device_type != "cpu" and gpu_count:
-        ids = yaml_config.get("deviceIds") or list(range(gpu_count))
-        gpu_ids = tuple(_int("model config", "deviceIds", i) for i in ids)
-    return ModelSettings(
-        min_workers=workers,
-        max_workers=max_workers,
-        batch_size=pick("batch_size", "batchSize", 1, minimum=1),
-        max_batch_delay=pick("max_batch_delay", "maxBatchDelay", 100),
-        response_timeout=pick("response_timeout", "responseTimeout", settings.default_response_timeout, 1),
-        startup_timeout=pick("startup_timeout", "startupTimeout", settings.default_startup_timeout, 1),
-        job_queue_size=pick("job_queue_size", "jobQueueSize", settings.job_queue_size, 1),
-        device_type="gpu" if gpu_ids else "cpu",
-        gpu_ids=gpu_ids,
-    )
-
-
-def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's CPU
-    limit), which the affinity does not show."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cgroup.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def torch_threads(workers: int) -> int:
-    """Intra-op threads per worker so that the workers and the front end share the cores. ``OMP_NUM_THREADS`` in
-    the server's environment, when set, is used as it is."""
-    explicit = os.environ.get("OMP_NUM_THREADS", "")
-    if explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
-    return max(1, (available_cpus() - 1) // max(1, workers))
-
-
-def new_batcher(
-    spec: ModelSpec,
-    pool: WorkerPool,
-    settings: ModelSettings,
-    metrics: ModelMetrics,
-    keys: SequenceKeys = DEFAULT_KEYS,
-) -> Batcher[WorkerProcess]:
-    """The model's queue: a ``ContinuousBatcher`` when its model config says ``continuousBatching: true``, a
-    ``SequenceBatcher`` (with the header names ``keys``) when it says ``sequenceBatching: true``; both is refused."""
-    if sequence_batching(spec.config):
-        if continuous_batching(spec.config):
-            raise BadRequestError(
-                f"model config of {spec.name}: sequenceBatching with continuousBatching (TorchServe's"
-                " SequenceContinuousBatching) is not supported; set one of them"
-            )
-        policy = sequence_policy(spec.config, keys)
-        return SequenceBatcher(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics, policy)
-    kind = ContinuousBatcher if continuous_batching(spec.config) else Batcher
-    return kind(spec.name, pool, settings.batch_size, settings.job_queue_size, metrics)
-
-
-@dataclass(eq=False)
-class Model:
-    """One registered model version."""
-
-    spec: ModelSpec
-    settings: ModelSettings
-    url: str
-    pool: WorkerPool
-    batcher: Batcher[WorkerProcess]
-    metrics: ModelMetrics
-    inputs: tuple[TensorSpec, ...] = ()  # Open Inference Protocol metadata, from the model config
-    outputs: tuple[TensorSpec, ...] = ()
-    loaded_at_startup: bool = False
-    downloaded: Path | None = None  # an archive fetched from a URL, removed with the model
-    registered_at: float = field(default_factory=time.time)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def version(self) -> str:
-        return self.spec.version
-
-    async def infer(
-        self, request: Request, timeout_s: float | None = None, hooks: set[Callable[[], Any]] | None = None
-    ) -> Response:
-        return await self.batcher.submit(request, timeout_s, hooks)
 
 
 class ModelRegistry:

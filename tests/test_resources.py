@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servekit.registry import available_cpus, torch_threads
+from servekit.model_settings import available_cpus, torch_threads
 from servekit.server import WORKER_EXIT_S
 from tests.helpers import make_archive, running_server
 

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from servekit.api import lenient
-from servekit.registry import Model, ModelRegistry
+from servekit.model import Model
+from servekit.registry import ModelRegistry
 
 PARALLEL_TYPES = ("pp", "tp", "pptp", "custom")
 

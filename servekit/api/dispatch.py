@@ -26,10 +26,10 @@ from starlette.types import Receive, Scope
 from servekit.api.errors import error_response
 from servekit.api.http import NO_CACHE, Hooks, disconnect_hooks, new_request_id
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
+from servekit.model import Model
 from servekit.protocol import Field
 from servekit.protocol import Request as WorkerRequest
 from servekit.protocol import Response as WorkerResponse
-from servekit.registry import Model
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -20,8 +20,9 @@ from servekit.api.http import new_request_id
 from servekit.api.registration import PROCESSING, check_model_api, load_spec, register_model
 from servekit.archive import ARCHIVE_SUFFIXES
 from servekit.errors import ArchiveNotFoundError, BadRequestError, ServekitError
+from servekit.model import Model
 from servekit.protocol import Request as WorkerRequest
-from servekit.registry import Model, ModelRegistry
+from servekit.registry import ModelRegistry
 
 API_DESCRIPTION = "/api-description"
 MODEL_PATHS = ("/models/{name}", "/models/{name}/{version}", "/models/{name}/{version}/set-default")

@@ -14,7 +14,8 @@ from urllib.parse import unquote, urlsplit
 from servekit.archive import ModelSpec, open_archive
 from servekit.download import download, is_remote
 from servekit.errors import ArchiveNotFoundError, BadRequestError, MethodNotAllowedError, WorkerStartError
-from servekit.registry import ModelRegistry, registration_workers
+from servekit.model_settings import registration_workers
+from servekit.registry import ModelRegistry
 from servekit.settings import Settings
 
 PROCESSING = {"status": "Processing worker updates..."}

@@ -31,6 +31,7 @@ from servekit.api.dispatch import (
 from servekit.api.http import new_request_id
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
+from servekit.model import Model
 from servekit.oip import (
     HEADER_LENGTH,
     V2_CONTENT_TYPE,
@@ -43,7 +44,7 @@ from servekit.oip import (
     validate,
 )
 from servekit.protocol import Field
-from servekit.registry import Model, ModelRegistry
+from servekit.registry import ModelRegistry
 
 EXTENSIONS = ["binary_tensor_data"]
 EXPLANATION_HEADERS = {**PREDICTION_HEADERS, "explain": "True"}  # what TorchServe adds to an explanation request
