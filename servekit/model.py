@@ -21,7 +21,8 @@ from servekit.oip import TensorSpec
 from servekit.pool import WorkerPool
 from servekit.process import WorkerProcess
 from servekit.protocol import Request, Response, continuous_batching
-from servekit.sequence_batcher import DEFAULT_KEYS, SequenceBatcher, SequenceKeys, sequence_batching, sequence_policy
+from servekit.sequence import DEFAULT_KEYS, SequenceKeys, sequence_batching, sequence_policy
+from servekit.sequence_batcher import SequenceBatcher
 
 
 def new_batcher(

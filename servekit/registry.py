@@ -39,7 +39,7 @@ from servekit.oip import specs_from_config
 from servekit.pool import NO_WORKER, WorkerPool
 from servekit.process import PoolSettings, WorkerProcess
 from servekit.protocol import Failure, LoadCommand, Request, Response, failure_message
-from servekit.sequence_batcher import SequenceKeys
+from servekit.sequence import SequenceKeys
 from servekit.settings import Settings
 
 logger = logging.getLogger("servekit.registry")
@@ -59,7 +59,7 @@ class ModelRegistry:
         self.draining = False
         # The zygote that workers are forked from (servekit.forkserver); the server starts it (``forks.start``).
         self.forks = ForkServer() if settings.fork_workers and forkserver.supported() else None
-        self.sequence_keys = SequenceKeys(  # sequence batching's header names (servekit.sequence_batcher)
+        self.sequence_keys = SequenceKeys(  # sequence batching's header names (servekit.sequence)
             settings.ts_header_key_sequence_id,
             settings.ts_header_key_sequence_start,
             settings.ts_header_key_sequence_end,

@@ -1,12 +1,9 @@
 """SequenceBatcher: the front end's side of sequence batching (model-config ``sequenceBatching: true``), TorchServe
 0.12's stateful inference.
 
-A sequence is the series of requests that name the same sequence id, in the ``ts_request_sequence_id`` header (or the
-one ``ts_header_key_sequence_id`` names). A request without one starts a sequence, whose id, ``ts-seq-<uuid>``, comes
-back in that response header (every answer of a sequence carries it). A request naming an id that is not open starts
-a sequence of that id, as TorchServe's clients may choose their ids, unless this server ended that sequence (closed,
-expired, lost with its worker: the latest ``REMEMBERED`` ended ids are kept) or the id has the server's own
-``ts-seq-`` form: then it is answered 404 (``SequenceNotFoundError``), never run.
+A sequence is the series of requests that name the same sequence id; which sequence a request joins, and when a
+sequence ends, is its ``SequenceTable``'s (``servekit.sequence_table``). The batcher places the sequences on workers
+and runs their requests in batches.
 
 Guarantees:
 
@@ -38,108 +35,24 @@ import asyncio
 import collections
 import contextlib
 import functools
-import math
 import time
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
 
 from servekit.batcher import Batcher, BatchObserver, Pending, Workers
-from servekit.errors import (
-    BadRequestError,
-    SequenceLimitError,
-    SequenceNotFoundError,
-    ServekitError,
-    ServiceUnavailableError,
-    WorkerDiedError,
-)
+from servekit.errors import ServekitError, ServiceUnavailableError, WorkerDiedError
 from servekit.protocol import BatchResult, Failure, Request, Response
+from servekit.sequence import SequencePolicy
+from servekit.sequence_table import Lane, OpenSequence, SequenceTable
 
 W = TypeVar("W")
-ID_PREFIX = "ts-seq-"  # the ids the server makes, as TorchServe makes them
-REMEMBERED = 10_000  # ended sequences whose ids are answered 404 (the latest, per model)
-UNKNOWN = "is unknown: this server did not start it, or ended it long ago"
-DEFAULT_ID = "ts_request_sequence_id"  # TorchServe's header names, which its handlers read through the context
-DEFAULT_START = "ts_request_sequence_start"
-DEFAULT_END = "ts_request_sequence_end"
 
 
 class PinnedWorkers(Workers[W], Protocol[W]):
     """What sequence batching needs from a pool of workers, besides what the ``Batcher`` needs."""
 
     def acquire(self) -> asyncio.Future[W]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SequenceKeys:
-    """The header names of sequence batching (config.properties ``ts_header_key_sequence_*``)."""
-
-    id: str = DEFAULT_ID
-    start: str = DEFAULT_START
-    end: str = DEFAULT_END
-
-
-@dataclass(frozen=True, slots=True)
-class SequencePolicy:
-    """A model's sequence settings, from its model-config YAML."""
-
-    max_idle_ms: int = 0
-    timeout_ms: int = 0
-    max_queue: int = 1
-    max_sequences: int = 1
-    keys: SequenceKeys = field(default_factory=SequenceKeys)
-
-
-DEFAULT_KEYS = SequenceKeys()
-
-
-def sequence_batching(model_yaml_config: Mapping[str, Any]) -> bool:
-    """Whether the model config says ``sequenceBatching: true`` (a YAML boolean, as TorchServe reads it)."""
-    return model_yaml_config.get("sequenceBatching") is True
-
-
-def sequence_policy(config: Mapping[str, Any], keys: SequenceKeys = DEFAULT_KEYS) -> SequencePolicy:
-    """The policy of a model config; ``BadRequestError`` for a value that is not an integer in range."""
-
-    def number(key: str, default: int, minimum: int) -> int:
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise BadRequestError(f"model config: {key} must be an integer of at least {minimum}, got {value!r}")
-        return value
-
-    return SequencePolicy(
-        max_idle_ms=number("sequenceMaxIdleMSec", 0, 0),
-        timeout_ms=number("sequenceTimeoutMSec", 0, 0),
-        max_queue=number("maxSequenceJobQueueSize", 1, 1),
-        max_sequences=number("maxNumSequence", 1, 1),
-        keys=keys,
-    )
-
-
-@dataclass(eq=False)
-class Lane(Generic[W]):
-    """A worker held by the batcher and the sequences pinned to it."""
-
-    worker: W
-    sequences: list[OpenSequence[W]] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # a pinned sequence has a request, or one ended
-    batch: list[Pending] = field(default_factory=list)  # sent to the worker, not yet answered
-    task: asyncio.Task[None] | None = None  # runs its batches, from its first sequence on
-
-
-@dataclass(eq=False)
-class OpenSequence(Generic[W]):
-    """A sequence: its waiting requests, its lane once pinned, and its clocks (``time.monotonic``)."""
-
-    id: str
-    started: float
-    last: float  # its last request's answer, or its start
-    queue: collections.deque[Pending] = field(default_factory=collections.deque)
-    lane: Lane[W] | None = None
-    running: bool = False
-    closing: bool = False  # its last request has arrived: it takes no more
-    timer: asyncio.TimerHandle | None = None
 
 
 class SequenceBatcher(Batcher[W]):
@@ -157,8 +70,9 @@ class SequenceBatcher(Batcher[W]):
         self.policy = policy
         self._pool = workers
         self._keys = policy.keys
-        self._sequences: dict[str, OpenSequence[W]] = {}
-        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> why, the latest
+        self._sequences: SequenceTable[W] = SequenceTable(
+            model, policy, self._unpin, functools.partial(Batcher._drop, self)
+        )
         self._unplaced: collections.deque[OpenSequence[W]] = collections.deque()  # waiting for a lane
         self._lanes: list[Lane[W]] = []
         self._lane_tasks: set[asyncio.Task[None]] = set()
@@ -180,7 +94,7 @@ class SequenceBatcher(Batcher[W]):
         refusal = self.refusal()
         if refusal is not None:
             raise refusal
-        sequence, request = self._admit(request)
+        sequence, request = self._sequences.admit(request)
         pending = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(pending)
         sequence.queue.append(pending)
@@ -193,117 +107,26 @@ class SequenceBatcher(Batcher[W]):
             self._unplaced.append(sequence)
             self._arrival.set()
         response = await self._response(pending, timeout_s, hooks)
-        if _header(response.headers, self._keys.id) is None:
+        if self._keys.sequence_id(response.headers) is None:
             response = replace(response, headers={**response.headers, self._keys.id: sequence.id})
         return response
 
-    def _admit(self, request: Request) -> tuple[OpenSequence[W], Request]:
-        """The request's sequence, opened if new, and the request with the headers the handler sees."""
-        keys, now = self._keys, time.monotonic()
-        sequence_id = _header(request.headers, keys.id)
-        sequence = self._sequences.get(sequence_id) if sequence_id else None
-        if sequence is None:
-            if sequence_id:
-                reason = self._ended.get(sequence_id) or (UNKNOWN if sequence_id.startswith(ID_PREFIX) else None)
-                if reason is not None:
-                    raise SequenceNotFoundError(self.model, sequence_id, reason)
-            sequence = self._open(sequence_id or f"{ID_PREFIX}{uuid.uuid4()}", now)
-            headers = _named(keys.start, "true", DEFAULT_START)
-        elif sequence.closing:
-            raise SequenceNotFoundError(self.model, sequence.id, self._closed_reason(keys.end))
-        elif self.policy.timeout_ms and now >= sequence.started + self.policy.timeout_ms / 1000:
-            reason = self._expiry_reason(lifetime=True)
-            if not sequence.running and not sequence.queue:
-                self._end(sequence, reason)
-            raise SequenceNotFoundError(self.model, sequence.id, reason)
-        elif len(sequence.queue) >= self.policy.max_queue:
-            waiting = f"{len(sequence.queue)} requests of sequence {sequence.id} waiting"
-            raise SequenceLimitError(self.model, f"{waiting}, maxSequenceJobQueueSize={self.policy.max_queue}")
-        else:
-            headers = {}
-        if (_header(request.headers, keys.end) or "").strip().lower() == "true":
-            sequence.closing = True
-            headers |= _named(keys.end, "true", DEFAULT_END)
-        headers |= _named(keys.id, sequence.id, DEFAULT_ID)
-        kept = {name: value for name, value in request.headers.items() if name.lower() not in headers}
-        return sequence, replace(request, headers=kept | headers)
-
-    def _open(self, sequence_id: str, now: float) -> OpenSequence[W]:
-        if len(self._sequences) >= self.policy.max_sequences:
-            opened = f"{len(self._sequences)} sequences open, maxNumSequence={self.policy.max_sequences}"
-            raise SequenceLimitError(self.model, opened)
-        sequence: OpenSequence[W] = OpenSequence(sequence_id, now, now)
-        self._sequences[sequence_id] = sequence
-        return sequence
-
-    def _closed_reason(self, key: str) -> str:
-        return f"is closed: a request with {key}: true ended it"
-
-    def _expiry_reason(self, lifetime: bool) -> str:
-        if lifetime:
-            return f"expired: sequenceTimeoutMSec={self.policy.timeout_ms} ms have passed since it started"
-        return f"expired: no request for sequenceMaxIdleMSec={self.policy.max_idle_ms} ms"
-
     def _drop(self, pending: Pending) -> None:
         super()._drop(pending)
-        sequence = self._sequences.get(_header(pending.request.headers, self._keys.id) or "")
+        sequence = self._sequences.get(self._keys.sequence_id(pending.request.headers) or "")
         if sequence is not None:
             with contextlib.suppress(ValueError):
                 sequence.queue.remove(pending)
-            self._settle(sequence)
+            self._sequences.settle(sequence)
 
-    def _settle(self, sequence: OpenSequence[W]) -> None:
-        """A sequence with nothing waiting or running: ended if its last request came, else its expiry scheduled."""
-        if self._sequences.get(sequence.id) is not sequence or sequence.running or sequence.queue:
-            return
-        if sequence.closing:
-            self._end(sequence, self._closed_reason(self._keys.end))
-            return
-        deadline = math.inf
-        if self.policy.max_idle_ms:
-            deadline = sequence.last + self.policy.max_idle_ms / 1000
-        if self.policy.timeout_ms:
-            deadline = min(deadline, sequence.started + self.policy.timeout_ms / 1000)
-        if deadline == math.inf:
-            return
-        if sequence.timer is not None:
-            sequence.timer.cancel()
-        delay = max(0.0, deadline - time.monotonic())
-        sequence.timer = asyncio.get_running_loop().call_later(delay, self._idle_out, sequence)
-
-    def _idle_out(self, sequence: OpenSequence[W]) -> None:
-        sequence.timer = None
-        if sequence.running or sequence.queue:
-            return
-        lifetime = bool(self.policy.timeout_ms) and (
-            time.monotonic() >= sequence.started + self.policy.timeout_ms / 1000 - 0.001
-        )
-        self._end(sequence, self._expiry_reason(lifetime))
-
-    def _end(self, sequence: OpenSequence[W], reason: str, error: ServekitError | None = None) -> None:
-        """Forget an open sequence (its id is then answered 404 with ``reason``); its waiting requests fail with
-        ``error``, by default that 404. A request of it that is running is answered as usual."""
-        if self._sequences.get(sequence.id) is not sequence:
-            return
-        del self._sequences[sequence.id]
-        self._ended[sequence.id] = reason
-        while len(self._ended) > REMEMBERED:
-            self._ended.popitem(last=False)
-        if sequence.timer is not None:
-            sequence.timer.cancel()
-        sequence.closing = True
+    def _unpin(self, sequence: OpenSequence[W]) -> None:
+        """An ended sequence leaves its lane, or the sequences waiting for one."""
         if sequence.lane is not None:
             sequence.lane.sequences.remove(sequence)
             sequence.lane.wake.set()
         else:
             with contextlib.suppress(ValueError):
                 self._unplaced.remove(sequence)
-        failure = error or SequenceNotFoundError(self.model, sequence.id, reason)
-        while sequence.queue:
-            pending = sequence.queue.popleft()
-            super()._drop(pending)
-            if not pending.future.done():
-                pending.future.set_exception(failure)
 
     async def _dispatch(self) -> None:
         """Pin each new sequence to a lane."""
@@ -329,7 +152,7 @@ class SequenceBatcher(Batcher[W]):
             lane.task = asyncio.get_running_loop().create_task(self._serve(lane))
             self._lane_tasks.add(lane.task)
             lane.task.add_done_callback(self._lane_tasks.discard)
-        self._settle(sequence)
+        self._sequences.settle(sequence)
 
     async def _lane(self) -> Lane[W] | None:
         """A new lane when a worker is idle, else the one with the fewest sequences; ``None`` after waiting for a
@@ -353,7 +176,7 @@ class SequenceBatcher(Batcher[W]):
                 return lane
             error = ServiceUnavailableError(f'Model "{self.model}" {exc.message}')
             for sequence in list(self._unplaced):
-                self._sequences.pop(sequence.id, None)  # never ran: its id may start a sequence again
+                self._sequences.discard(sequence)  # never ran: its id may start a sequence again
                 self._end_unplaced(sequence, error)
             return None
         opened: Lane[W] = Lane(worker)
@@ -421,19 +244,19 @@ class SequenceBatcher(Batcher[W]):
         closed: set[str] = set()
         if not isinstance(result.outcome, Failure):
             for (sequence, _), response in zip(batch, result.outcome, strict=True):
-                value = _header(response.headers, self._keys.end) or _header(response.headers, DEFAULT_END)
-                if value is not None:
-                    named = {name.strip() for name in value.split(";")} & self._sequences.keys()
-                    closed |= named or {sequence.id}
+                named = self._keys.ended_by(response.headers)
+                if named is not None:
+                    closed |= (named & self._sequences.ids()) or {sequence.id}
         now = time.monotonic()
         for sequence, _ in batch:
             sequence.running, sequence.last = False, now
         reason = f"is closed: the handler ended it ({self._keys.end} in its answer)"
         for sequence_id in closed:
-            if sequence_id in self._sequences:
-                self._end(self._sequences[sequence_id], reason)
+            ended = self._sequences.get(sequence_id)
+            if ended is not None:
+                self._sequences.end(ended, reason)
         for sequence, _ in batch:
-            self._settle(sequence)
+            self._sequences.settle(sequence)
 
     def _lose(self, lane: Lane[W], exc: ServekitError) -> None:
         """The lane's worker died: its batch fails with the pool's error, its sequences end."""
@@ -443,7 +266,7 @@ class SequenceBatcher(Batcher[W]):
         for sequence in list(lane.sequences):
             sequence.running = False
             error = WorkerDiedError(f'Sequence "{sequence.id}" of model "{self.model}" {reason}')
-            self._end(sequence, reason, error)
+            self._sequences.end(sequence, reason, error)
 
     def _close(self, lane: Lane[W]) -> None:
         with contextlib.suppress(ValueError):
@@ -474,8 +297,8 @@ class SequenceBatcher(Batcher[W]):
         while (self._queue or any(lane.batch for lane in self._lanes)) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         error = ServiceUnavailableError(f'Model "{self.model}" was unregistered')
-        for sequence in list(self._sequences.values()):
-            self._end(sequence, "ended: its model was unregistered", error)
+        for sequence in self._sequences.open_sequences():
+            self._sequences.end(sequence, "ended: its model was unregistered", error)
         self._fail_queued(error)
         self._dispatcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -483,18 +306,3 @@ class SequenceBatcher(Batcher[W]):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.cancel() and not waiter.cancelled() and waiter.exception() is None:
             self._give_back(waiter.result())  # given, never taken
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header by name in any case (the HTTP layer passes lower-case names; a handler sets its own)."""
-    value = headers.get(name)
-    if value is None:
-        lowered = name.lower()
-        value = next((v for k, v in headers.items() if k.lower() == lowered), None)
-    return value
-
-
-def _named(key: str, value: str, default: str) -> dict[str, str]:
-    """``value`` under ``key`` (lower case, as the HTTP layer passes names), and under TorchServe's default name,
-    which the handler's context reads, when ``key`` is another."""
-    return {key.lower(): value, default: value}

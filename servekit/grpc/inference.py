@@ -40,7 +40,7 @@ from servekit.grpc.generated.inference_pb2 import PredictionResponse, Prediction
 from servekit.grpc.status import rpc_status
 from servekit.protocol import Field, Response
 from servekit.registry import ModelRegistry
-from servekit.sequence_batcher import DEFAULT_END, DEFAULT_ID
+from servekit.sequence import DEFAULT_END, DEFAULT_ID
 
 logger = logging.getLogger("servekit.grpc")
 Context = grpc.aio.ServicerContext[Any, Any]
