@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Sized
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -161,13 +161,18 @@ class Batcher(Generic[W]):
         ``timeout_s``, a request still queued after that many seconds fails with ``DeadlineExceededError``.
         While it waits, ``hooks`` (the connection's disconnect hooks) hold a callable that drops it: a client
         that goes away gets ``ClientDisconnectedError`` and its request never reaches a worker."""
+        pending = self._enqueue(request)
+        self._arrival.set()
+        return await self._response(pending, timeout_s, hooks)
+
+    def _enqueue(self, request: Request) -> Pending:
+        """Queue a request, or raise the ``refusal`` that keeps it out."""
         refusal = self.refusal()
         if refusal is not None:
             raise refusal
         pending = Pending(request, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(pending)
-        self._arrival.set()
-        return await self._response(pending, timeout_s, hooks)
+        return pending
 
     async def _response(
         self, pending: Pending, timeout_s: float | None, hooks: set[Callable[[], Any]] | None
@@ -204,12 +209,16 @@ class Batcher(Generic[W]):
             message = f"Request to model {self.model} timed out in queue after {timeout_s * 1000:.0f} ms"
             pending.future.set_exception(DeadlineExceededError(message))
 
+    async def _arrived(self, waiting: Sized) -> None:
+        """Return once ``waiting`` (the queue, or what a batcher dispatches from) holds something; ``submit`` sets
+        ``_arrival`` when it adds to it."""
+        while not waiting:
+            self._arrival.clear()
+            await self._arrival.wait()
+
     async def _dispatch(self) -> None:
         while True:
-            if not self._queue:
-                self._arrival.clear()
-                await self._arrival.wait()
-                continue
+            await self._arrived(self._queue)
             try:
                 await self._workers.wait_idle()
             except ServiceUnavailableError as exc:

@@ -77,14 +77,10 @@ class ContinuousBatcher(Batcher[W]):
         the other chunks as the worker makes them. As in ``Batcher.submit``, a request still queued after
         ``timeout_s`` fails with ``DeadlineExceededError``; ``hooks`` stay on the connection until the stream ends,
         so a client that goes away mid-stream leaves the worker's batch."""
-        refusal = self.refusal()
-        if refusal is not None:
-            raise refusal
-        loop = asyncio.get_running_loop()
-        pending = Pending(request, loop.create_future(), time.perf_counter())
-        self._queue.append(pending)
+        pending = self._enqueue(request)
         if not self._join_now():
             self._arrival.set()
+        loop = asyncio.get_running_loop()
         timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
         leave = functools.partial(self._leave, pending)
         if hooks is not None:
@@ -146,10 +142,7 @@ class ContinuousBatcher(Batcher[W]):
 
     async def _dispatch(self) -> None:
         while True:
-            if not self._queue:
-                self._arrival.clear()
-                await self._arrival.wait()
-                continue
+            await self._arrived(self._queue)
             lane = await self._lane()
             if lane is not None:
                 self._join(lane)

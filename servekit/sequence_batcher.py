@@ -131,10 +131,7 @@ class SequenceBatcher(Batcher[W]):
     async def _dispatch(self) -> None:
         """Pin each new sequence to a lane."""
         while True:
-            if not self._unplaced:
-                self._arrival.clear()
-                await self._arrival.wait()
-                continue
+            await self._arrived(self._unplaced)
             lane = await self._lane()
             if lane is None:
                 continue
