@@ -33,13 +33,14 @@ class ModelSettings:
     gpu_ids: tuple[int, ...] = ()
 
 
-def _int(source: str, key: str, value: Any, minimum: int = 0) -> int:
+def integer(label: str, value: Any, minimum: int = 0) -> int:
+    """``value`` as an integer of at least ``minimum``, or 400 saying what ``label`` must be."""
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise BadRequestError(f"{source}: {key} must be an integer, got {value!r}") from None
+        raise BadRequestError(f"{label} must be an integer, got {value!r}") from None
     if number < minimum:
-        raise BadRequestError(f"{source}: {key} must be at least {minimum}, got {number}")
+        raise BadRequestError(f"{label} must be at least {minimum}, got {number}")
     return number
 
 
@@ -66,7 +67,7 @@ def resolve_settings(
             ("models", json_config, yaml_key),
         ):
             if mapping.get(key) is not None:
-                return _int(source, key, mapping[key], minimum)
+                return integer(f"{source}: {key}", mapping[key], minimum)
         return int(default)
 
     if default_workers is None:
@@ -78,7 +79,7 @@ def resolve_settings(
     gpu_ids: tuple[int, ...] = ()
     if device_type != "cpu" and gpu_count:
         ids = yaml_config.get("deviceIds") or list(range(gpu_count))
-        gpu_ids = tuple(_int("model config", "deviceIds", i) for i in ids)
+        gpu_ids = tuple(integer("model config: deviceIds", i) for i in ids)
     return ModelSettings(
         min_workers=workers,
         max_workers=max_workers,

@@ -21,6 +21,7 @@ from servekit.api.registration import PROCESSING, check_model_api, load_spec, re
 from servekit.archive import ARCHIVE_SUFFIXES
 from servekit.errors import ArchiveNotFoundError, BadRequestError, ServekitError
 from servekit.model import Model
+from servekit.model_settings import integer
 from servekit.protocol import Request as WorkerRequest
 from servekit.registry import ModelRegistry
 
@@ -44,13 +45,7 @@ def int_param(params: dict[str, Any], name: str, default: int | None = None, min
         return default
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise BadRequestError(f"Parameter {name} must be an integer, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequestError(f"Parameter {name} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise BadRequestError(f"Parameter {name} must be at least {minimum}, got {number}")
-    return number
+    return integer(f"Parameter {name}", value, minimum)
 
 
 def bool_param(params: dict[str, Any], name: str, default: bool) -> bool:
