@@ -31,11 +31,12 @@ from starlette.types import ASGIApp
 from servekit import logs, snapshot
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
-from servekit.api.http import NO_CACHE, DirectRoute, protocol_with
+from servekit.api.http import DirectRoute, protocol_with
 from servekit.api.inference import create_inference_app
 from servekit.api.keys import supplied_keys
 from servekit.api.management import create_management_app
 from servekit.api.metrics import create_metrics_app
+from servekit.api.response import NO_CACHE
 from servekit.archive import ARCHIVE_SUFFIXES, open_archive
 from servekit.errors import ConfigError, ServekitError
 from servekit.metrics import Metrics

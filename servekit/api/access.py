@@ -11,7 +11,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from servekit import logs
-from servekit.api.http import new_request_id
+from servekit.api.response import new_request_id
 from servekit.metrics import Metrics
 
 logger = logging.getLogger("servekit.access")

@@ -24,7 +24,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope
 
 from servekit.api.errors import error_response
-from servekit.api.http import NO_CACHE, Hooks, disconnect_hooks, new_request_id
+from servekit.api.http import Hooks, disconnect_hooks
+from servekit.api.response import NO_CACHE, new_request_id
 from servekit.errors import BadRequestError, ClientDisconnectedError, RequestTooLargeError, ServekitError
 from servekit.model import Model
 from servekit.protocol import Field
@@ -265,7 +266,7 @@ async def run_request(
         response = StreamingResponse(_chunks(result.payload, result.more), result.status, out_headers)
     else:
         response = Response(result.payload, result.status, out_headers)
-    # TorchServe's status line has the handler's phrase, or none ("HTTP/1.1 200 "): read by servekit.api.http
+    # TorchServe's status line has the handler's phrase, or none ("HTTP/1.1 200 "): read by servekit.api.response
     response.reason_phrase = result.reason or ""  # type: ignore[attr-defined]
     return response
 

@@ -1,5 +1,6 @@
 """The HTTP/1.1 protocol the three ports speak: uvicorn's httptools protocol with read deadlines, disconnect
-hooks, and a direct route that answers a request without going through ASGI.
+hooks, and a direct route that answers a request without going through ASGI. The answers it writes itself, and what
+every answer carries (caching headers, request ids), are ``servekit.api.response``'s.
 
 Deadlines: uvicorn has no deadline for reading a request, so a client that trickles its headers or body (slow
 loris) holds a connection forever. Here a connection is closed when a request's head has not fully arrived within
@@ -20,53 +21,28 @@ the body still arrives. Discarding is bounded (``discarded_at_most`` the limit, 
 for a body declared larger, the connection closes at once. The same bound holds for a body that uvicorn discards
 after an ASGI route answered 413 early (``read_body``), where the connection otherwise stays open.
 
-Caching: every answer carries TorchServe's ``NO_CACHE`` headers (``sendHttpResponse`` sets them on each), given to
-uvicorn as default headers (``servekit.server``), so that the direct route's answers and uvicorn's own have them too.
-
-Request ids: ``new_request_id`` names each request (``x-request-id`` on every response, as TorchServe sends).
-
 Direct route: on the inference port, ``/predictions`` requests (``DirectRoute.matches``) are read here, body and
-all, handed to the route as ``(scope, body)``, and its response is written with one ``write``: no ASGI receive/send
-messages, no second write for the head. The route's task is tracked like uvicorn's, so a graceful shutdown waits
-for it. Requests the direct path does not take (pipelined behind another, ``Expect: 100-continue``, upgrades) go
-through ASGI as usual.
+all, handed to the route as ``(scope, body)``, and its response is written with one ``write`` (``ResponseWriter``):
+no ASGI receive/send messages, no second write for the head. The route's task is tracked like uvicorn's, so a
+graceful shutdown waits for it. Requests the direct path does not take (pipelined behind another, ``Expect:
+100-continue``, upgrades) go through ASGI as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
 import math
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from starlette.responses import Response, StreamingResponse
-from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from servekit.api.pacing import Deadlines, Pacing
+from servekit.api.response import Exchange, ResponseWriter
 
-logger = logging.getLogger("servekit.http")
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
 Raw = tuple[int, list[tuple[bytes, bytes]], bytes]  # a response of ours, as written: status, headers, body
-# TorchServe's caching headers, on every answer, replacing any of them a handler sets (servekit.api.dispatch)
-NO_CACHE = {
-    "pragma": "no-cache",
-    "cache-control": "no-cache; no-store, must-revalidate, private",
-    "expires": "Thu, 01 Jan 1970 00:00:00 UTC",
-}
-
-
-_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
-_id_counter = itertools.count()
-
-
-def new_request_id() -> str:
-    """A request id in UUID form (as TorchServe's): a per-process random prefix and a counter."""
-    p = _ID_PREFIX
-    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-{next(_id_counter):012x}"
 
 
 def discarded_at_most(limit: int) -> int:
@@ -96,27 +72,7 @@ class DirectRoute(Protocol):
         """An answer decided from the request's head alone (overload), or ``None`` to read the body and call."""
 
 
-class _Exchange:
-    """One request on the direct route; stands where uvicorn keeps its request/response cycle, with the
-    attributes the base protocol reads and sets (``response_complete``, ``disconnected``, ``keep_alive``,
-    ``message_event``)."""
-
-    __slots__ = ("chunks", "discarding", "disconnected", "keep_alive", "message_event", "response_complete", "size")
-
-    def __init__(self, keep_alive: bool) -> None:
-        self.response_complete = False
-        self.discarding = False  # answered 413: the rest of the body is read and dropped, then the connection closed
-        self.disconnected = False
-        self.keep_alive = keep_alive
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.message_event = self  # the base protocol calls message_event.set() on disconnect
-
-    def set(self) -> None:
-        pass
-
-
-class HttpProtocol(HttpToolsProtocol):
+class HttpProtocol(ResponseWriter):
     header_timeout = 10.0
     body_timeout = 60.0
     discard_limit = discarded_at_most(6553500)  # see ``_too_large``
@@ -128,7 +84,7 @@ class HttpProtocol(HttpToolsProtocol):
     deadlines: Deadlines
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
-    _exchange: _Exchange | None = None
+    _exchange: Exchange | None = None
     _discarded = 0  # bytes of a body dropped after its answer went out through ASGI (a 413 from ``read_body``)
 
     def _arm(self, seconds: float) -> None:
@@ -182,7 +138,7 @@ class HttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
-        self._exchange = exchange = _Exchange(keep_alive)
+        self._exchange = exchange = Exchange(keep_alive)
         self.cycle = exchange  # type: ignore[assignment]
         if refusal is not None:  # the body that follows is skipped (``on_body``)
             exchange.response_complete = True
@@ -270,7 +226,7 @@ class HttpProtocol(HttpToolsProtocol):
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
-    async def _run(self, exchange: _Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
+    async def _run(self, exchange: Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
         if exchange.disconnected:  # the client left right after sending (e.g. while its connection rested)
             return
         response = await route(scope, body)
@@ -281,54 +237,7 @@ class HttpProtocol(HttpToolsProtocol):
         if response.status_code == 503 and "retry-after" in response.headers:  # refused after its body was read
             self._refused = self.pacing.refused(self.loop)
 
-    async def _stream(self, exchange: _Exchange, response: StreamingResponse) -> None:
-        """A streamed response, chunk by chunk (chunked transfer encoding). An error mid-stream closes the
-        connection without the last chunk, so the client sees the response was cut short."""
-        headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
-        chunked = [*headers, (b"transfer-encoding", b"chunked")]
-        if not self._write_head(exchange, response.status_code, chunked, reason=reason_of(response)):
-            return
-        try:
-            async for chunk in response.body_iterator:
-                if self.transport.is_closing():
-                    return  # the client went away: the rest of the stream is dropped
-                data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
-                if data:
-                    self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-                    if self.flow.write_paused:
-                        await self.flow.drain()
-        except Exception as exc:
-            logger.warning("a streamed response was cut short: %s", exc)
-            self.transport.close()
-            return
-        finally:
-            exchange.response_complete = True
-        self._finish(exchange, b"0\r\n\r\n")
-
-    def _answer(self, exchange: _Exchange, response: Response) -> None:
-        """Write the whole response at once, then let the next request in (as uvicorn does after a response)."""
-        exchange.response_complete = True
-        reason = reason_of(response)
-        if self._write_head(exchange, response.status_code, response.raw_headers, response.body, reason=reason):
-            self._finish(exchange)
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes that are not HTTP, with an ``x-request-id`` as every answer has."""
-        body = msg.encode("ascii")
-        headers = [
-            *self.server_state.default_headers,
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close"),
-            (b"x-request-id", new_request_id().encode()),
-        ]
-        content = [STATUS_LINE[400]]
-        for name, value in headers:
-            content += [name, b": ", value, b"\r\n"]
-        self.transport.write(b"".join([*content, b"\r\n", body]))
-        self.transport.close()
-
-    def _too_large(self, exchange: _Exchange, route: DirectRoute, size: int) -> None:
+    def _too_large(self, exchange: Exchange, route: DirectRoute, size: int) -> None:
         """Answer 413 now; the connection closes once the rest of the body is read and dropped (``on_body``,
         ``on_message_complete``), or at once if the body is declared larger than we would read."""
         response = route.too_large(self.scope, size)  # type: ignore[arg-type]
@@ -340,54 +249,6 @@ class HttpProtocol(HttpToolsProtocol):
             self._finish(exchange)
         else:
             exchange.discarding = True
-
-    def _write_head(
-        self,
-        exchange: _Exchange,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | memoryview = b"",
-        checked: bool = False,
-        reason: str | None = None,
-    ) -> bool:
-        """Write the status line and headers (and ``body``, in the same write); ``False`` if the client is gone.
-        Headers are checked for what HTTP forbids in them unless ``checked`` (headers of our own)."""
-        if exchange.disconnected or self.transport.is_closing():
-            return False
-        if not checked and any(HEADER_RE.search(name) or HEADER_VALUE_RE.search(value) for name, value in headers):
-            logger.error("a response header is not valid HTTP; answering 500 instead")
-            status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
-        line = STATUS_LINE[status]
-        if reason is not None:  # a handler's phrase (TorchServe sends it, or none), checked as a header value
-            phrase = reason.encode("latin-1", "replace")
-            if HEADER_VALUE_RE.search(phrase):
-                logger.error("a handler's reason phrase is not valid HTTP; answering 500 instead")
-                status, headers, body, exchange.keep_alive = 500, [(b"content-length", b"0")], b"", False
-                line = STATUS_LINE[500]
-            else:
-                line = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-        content: list[bytes | memoryview] = [line]
-        for name, value in [*self.server_state.default_headers, *headers]:  # the server's own are valid HTTP
-            content += [name, b": ", value, b"\r\n"]
-        if not exchange.keep_alive:
-            content.append(b"connection: close\r\n")
-        content += [b"\r\n", body]
-        self.transport.write(b"".join(content))
-        return True
-
-    def _finish(self, exchange: _Exchange, tail: bytes = b"") -> None:
-        if self.transport.is_closing():
-            return
-        if tail:
-            self.transport.write(tail)
-        if not exchange.keep_alive:
-            self.transport.close()
-        self.on_response_complete()
-
-
-def reason_of(response: Response) -> str | None:
-    """The reason phrase a handler's answer carries (``servekit.api.dispatch.HandlerResponse``), else ``None``."""
-    return getattr(response, "reason_phrase", None)
 
 
 def protocol_with(header_timeout: float, body_timeout: float, direct: DirectRoute | None = None) -> type[HttpProtocol]:

@@ -30,7 +30,8 @@ from servekit.api.dispatch import (
 )
 from servekit.api.errors import error_response, install_error_handlers
 from servekit.api.frontend import FrontendJSON
-from servekit.api.http import Raw, new_request_id
+from servekit.api.http import Raw
+from servekit.api.response import new_request_id
 from servekit.api.v2 import create_v2_router, infer_tensors, predict_instances
 from servekit.errors import BadRequestError, RequestTooLargeError, ServekitError, error_body
 from servekit.metrics import Metrics

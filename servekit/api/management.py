@@ -16,8 +16,8 @@ from servekit.api.description import customized_metadata, describe, model_page
 from servekit.api.dispatch import FRAMING_HEADERS, header_map
 from servekit.api.errors import install_error_handlers
 from servekit.api.frontend import FrontendJSON
-from servekit.api.http import new_request_id
 from servekit.api.registration import PROCESSING, check_model_api, load_spec, register_model
+from servekit.api.response import new_request_id
 from servekit.archive import ARCHIVE_SUFFIXES
 from servekit.errors import ArchiveNotFoundError, BadRequestError, ServekitError
 from servekit.model import Model

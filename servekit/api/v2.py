@@ -28,7 +28,7 @@ from servekit.api.dispatch import (
     run_request,
     torchserve_error,
 )
-from servekit.api.http import new_request_id
+from servekit.api.response import new_request_id
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
 from servekit.model import Model

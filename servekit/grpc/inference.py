@@ -34,7 +34,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from servekit.api.dispatch import submit
-from servekit.api.http import new_request_id
+from servekit.api.response import new_request_id
 from servekit.errors import BadRequestError, HandlerError, ServekitError
 from servekit.grpc.generated.inference_pb2 import PredictionResponse, PredictionsRequest, TorchServeHealthResponse
 from servekit.grpc.status import rpc_status

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 
 from servekit.api.description import customized_metadata, describe, model_page
-from servekit.api.http import new_request_id
 from servekit.api.registration import PROCESSING, check_model_api, register_model
+from servekit.api.response import new_request_id
 from servekit.errors import BadRequestError
 from servekit.grpc.generated.management_pb2 import (
     DescribeModelRequest,

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from servekit.api.dispatch import submit
-from servekit.api.http import new_request_id
+from servekit.api.response import new_request_id
 from servekit.api.v2 import EXTENSIONS, metadata
 from servekit.errors import BadRequestError, HandlerError
 from servekit.grpc.generated import open_inference_pb2 as pb
