@@ -4,7 +4,7 @@ Each worker is a ``WorkerProcess`` (``servekit.process``): a spawned ``python -m
 socket pair. The batcher hands the pool each batch with ``run``, one call that returns the batch's result. Batchers
 that hold workers (continuous and sequence batching: lanes) ``acquire`` one, ``send``/``collect`` or ``step`` on it,
 and ``release`` it. Which worker runs what, pipelines included, and who waits for one is ``WorkerQueue``'s
-(``servekit.worker_queue``); the pool adds what awaits its processes: their answers, their deaths, restarts and size.
+(``servekit.pool_queue``); the pool adds what awaits its processes: their answers, their deaths, restarts and size.
 
 A worker dies when it exits, misses ``response_timeout`` or sends a malformed frame (``WorkerProcess`` kills it then).
 One method handles that, ``_lost``: the batch the worker was running fails with the error that says why
@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 from servekit import protocol
 from servekit.errors import ServekitError
 from servekit.inputs import InputCheck
+from servekit.pool_queue import NO_WORKER, Batch, WorkerQueue
 from servekit.process import OnChunks, PoolSettings, WorkerProcess
-from servekit.worker_queue import NO_WORKER, Batch, WorkerQueue
 
 logger = logging.getLogger("servekit.pool")
 

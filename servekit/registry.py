@@ -37,11 +37,11 @@ from servekit.model import Model, new_batcher
 from servekit.model_settings import resolve_settings, torch_threads
 from servekit.oip import specs_from_config
 from servekit.pool import WorkerPool
+from servekit.pool_queue import NO_WORKER
 from servekit.process import PoolSettings, WorkerProcess
 from servekit.protocol import Failure, LoadCommand, Request, Response, failure_message
 from servekit.sequence import SequenceKeys
 from servekit.settings import Settings
-from servekit.worker_queue import NO_WORKER
 
 logger = logging.getLogger("servekit.registry")
 

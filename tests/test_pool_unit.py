@@ -15,9 +15,9 @@ import pytest
 from servekit.batcher import Batcher
 from servekit.errors import ResponseTimeoutError, ServekitError, ServiceUnavailableError, WorkerDiedError
 from servekit.pool import BACKOFF_S, WorkerPool
+from servekit.pool_queue import CRASH_LOOP, PIPELINE
 from servekit.process import OnChunks, PoolSettings, WorkerProcess
 from servekit.protocol import BatchResult, LoadCommand, MetricRecord, Request, Response, Step
-from servekit.worker_queue import CRASH_LOOP, PIPELINE
 
 SETTINGS = PoolSettings(response_timeout=60, startup_timeout=60, max_response_size=1000)
 Answer = BatchResult | ServekitError

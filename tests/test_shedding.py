@@ -122,7 +122,7 @@ def worker_held(server: Server, gates: Path, gate: str, pool: ThreadPoolExecutor
     """The gated model's worker held in its handler by request ``gate/primer`` until the block ends, then let go; the
     primer's response is yielded. Held before the rest arrive, the worker took nothing more with it, so exactly
     ``QUEUE`` more are admitted (a worker that is sent a burst while idle may also take the next batch into its
-    pipeline, ``worker_queue.PIPELINE``, and admit one more, depending on timing)."""
+    pipeline, ``pool_queue.PIPELINE``, and admit one more, depending on timing)."""
     primer = pool.submit(post, server, "gated", f"{gate}/primer")
     try:
         assert wait_until((gates / f"{gate}.entered").exists), "the primer never reached the handler"
