@@ -53,13 +53,16 @@ class BatchRunner(Protocol):
     async def wait_idle(self) -> None:
         """Return once a worker is idle; raises ``ServiceUnavailableError`` while ``unavailable`` and none is."""
 
-    def room(self) -> bool:
-        """Whether ``run`` sends a batch at once (a worker is idle, or a busy one has room in its pipeline)."""
+    def room(self, overloaded: bool = False) -> bool:
+        """Whether ``run`` sends a batch at once (a worker is idle, or a busy one has room in its pipeline, which may
+        be deeper when ``overloaded``: the batcher refuses requests and holds a full batch)."""
 
-    def run(self, requests: list[Request], on_chunks: OnChunks) -> Awaitable[BatchResult]:
-        """Run a batch (sent before this returns when there is ``room``); the awaitable gives its result, with the
-        chunks of streamed responses through ``on_chunks`` as they come, or raises the ``ServekitError`` that failed
-        it (its worker died: ``WorkerDiedError``). Awaited to its end."""
+    def run(
+        self, requests: list[Request], on_chunks: OnChunks, overloaded: bool = False
+    ) -> asyncio.Future[BatchResult]:
+        """Run a batch (sent before this returns when there is ``room(overloaded)``); the future gives its result,
+        with the chunks of streamed responses through ``on_chunks`` as they come, or the ``ServekitError`` that failed
+        it (its worker died: ``WorkerDiedError``). Cancelling it drops the batch."""
 
 
 class Workers(BatchRunner, Protocol[W]):
@@ -121,6 +124,7 @@ class Batcher(Generic[W]):
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._refused = 0  # refusals since the last log line
+        self._promised = 0  # places promised to requests whose heads were read in this turn of the event loop
         self._refusal = ""
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
@@ -129,17 +133,26 @@ class Batcher(Generic[W]):
         """Requests waiting for a worker."""
         return len(self._queue)
 
-    def refusal(self) -> ServiceUnavailableError | None:
+    def refusal(self, promise: bool = False) -> ServiceUnavailableError | None:
         """Why a request is refused now (unregistering, no worker, queue full), or ``None`` if it would be queued:
-        known before a request's body is read, so that the excess is refused cheaply. Refusals are logged here, one
-        line per second (under overload there are thousands a second; each still has its access-log line)."""
+        known before a request's body is read, so that the excess is refused cheaply. With ``promise`` (a request's
+        head, its body still to read) a request not refused holds a place in the queue until the next turn of the
+        event loop, by which time it has been queued unless its body is still on its way: the heads read in one
+        turn, which all see the queue as it was before the turn, do not all pass (under overload a turn reads
+        hundreds, and those admitted past the queue's room would be refused later, body read). Refusals are logged
+        here, one line per second (under overload there are thousands a second; each still has its access-log
+        line)."""
         if self._closed:
             error = ServiceUnavailableError(f'Model "{self.model}" is being unregistered')
         elif (reason := self._workers.unavailable()) is not None:
             error = ServiceUnavailableError(f'Model "{self.model}" {reason}')
-        elif len(self._queue) >= self.queue_size:
+        elif len(self._queue) + (self._promised if promise else 0) >= self.queue_size:
             error = QueueFullError(self.model, self.queue_size)
         else:
+            if promise:
+                if not self._promised:
+                    asyncio.get_running_loop().call_soon(self._forget_promises)  # before the requests' own tasks
+                self._promised += 1
             return None
         if not self._refused:
             asyncio.get_running_loop().call_later(REFUSAL_LOG_S, self._log_refusals)
@@ -147,6 +160,9 @@ class Batcher(Generic[W]):
         self._refusal = error.message
         error.logged = True
         return error
+
+    def _forget_promises(self) -> None:
+        self._promised = 0
 
     def _log_refusals(self) -> None:
         logger.warning(
@@ -229,14 +245,19 @@ class Batcher(Generic[W]):
     def _start(self) -> None:
         """Hand the pool batches while requests wait and it takes them at once: to idle workers, then into the
         pipeline of busy ones, so that a worker starts the next batch the moment it is done."""
-        while self._queue and self._workers.room():
+        while self._queue and self._workers.room(overloaded := self._overloaded()):
             batch = self._take_batch()
             if not batch:
                 return
-            result = self._workers.run([p.request for p in batch], functools.partial(self._stream, batch))
+            result = self._workers.run([p.request for p in batch], functools.partial(self._stream, batch), overloaded)
             task = asyncio.get_running_loop().create_task(self._finish(batch, result))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _overloaded(self) -> bool:
+        """Whether requests were refused in the last second or so and a full batch waits: the pool's pipeline may
+        then go deeper."""
+        return self._refused > 0 and len(self._queue) >= self.batch_size
 
     def _take_batch(self, limit: int | None = None) -> list[Pending]:
         """Up to ``limit`` (by default ``batch_size``) requests from the head of the queue, skipping cancelled ones."""

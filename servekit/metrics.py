@@ -167,6 +167,7 @@ class ModelMetrics:
         self._queue_time = ts["QueueTime"]
         self._worker_thread_time = ts["WorkerThreadTime"]
         self._ts_labels: dict[str, Labels] = {}  # by the version the URL named ("default" when none)
+        self._requests: dict[int, Counter] = {}  # ``servekit_requests_total``'s series, by HTTP status
 
     def _labels(self, url_version: str) -> Labels:
         labels = self._ts_labels.get(url_version)
@@ -180,7 +181,10 @@ class ModelMetrics:
         how long it waited for a worker when a worker answered it, whatever the status the handler set; ``None``
         when it failed or was refused, which TorchServe's latency and queue families do not count (only
         ``ts_inference_requests_total`` and ``RequestsNXX`` do)."""
-        self._metrics.requests.labels(self.name, self.version, outcome(status)).inc()
+        requests = self._requests.get(status)
+        if requests is None:  # a lookup of labels costs more than the rest of a refusal's metrics
+            requests = self._requests[status] = self._metrics.requests.labels(self.name, self.version, outcome(status))
+        requests.inc()
         self._latency.observe(seconds)
         labels = self._labels(url_version)
         self._ts_requests.add(labels, 1.0)

@@ -18,7 +18,6 @@ Runs in the front-end process (asyncio); never imports the handler or torch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -60,46 +59,53 @@ class WorkerPool(WorkerQueue):
         self._sleep = sleep
         self.restarts = 0
         self._restarts: set[asyncio.Task[None]] = set()
+        self._readers: dict[WorkerProcess, asyncio.Task[None]] = {}  # of the workers with a line (``_read_line``)
         self._gpu_cycle = itertools.cycle(settings.gpu_ids) if settings.gpu_ids else None
         self.input_check: InputCheck | None = None  # the handler's declared input (servekit.inputs)
 
     # The batcher's side: run a batch.
 
     def run(
-        self, requests: list[protocol.Request], on_chunks: OnChunks | None = None
-    ) -> Awaitable[protocol.BatchResult]:
-        """Run a batch: sent before this returns when there is ``room``, else once a worker is free. The awaitable
-        gives its result, or raises the error that failed it: ``WorkerDiedError``/``ResponseTimeoutError`` when its
-        worker died running it (the pool replaces the worker), ``ServiceUnavailableError`` when no worker is left to
-        run it. Chunks of streamed responses go to ``on_chunks`` as they come. Await it to its end: a caller that
-        stops waiting for a batch it sent costs the pool that worker."""
-        batch = Batch(requests, on_chunks, asyncio.get_running_loop().create_future())
+        self, requests: list[protocol.Request], on_chunks: OnChunks | None = None, overloaded: bool = False
+    ) -> asyncio.Future[protocol.BatchResult]:
+        """Run a batch: sent before this returns when there is ``room(overloaded)`` (``overloaded``: the batcher refuses
+        requests and this batch is full, so it may go into a deeper pipeline), else once a worker is free. The future
+        gives its result, or the error that failed it: ``WorkerDiedError``/``ResponseTimeoutError`` when its worker
+        died running it (the pool replaces the worker), ``ServiceUnavailableError`` when no worker is left to run it.
+        Chunks of streamed responses go to ``on_chunks`` as they come. A caller that cancels it costs nothing: a batch
+        not yet sent is dropped, the answer of one sent is read and dropped."""
+        batch = Batch(requests, on_chunks, asyncio.get_running_loop().create_future(), overloaded)
         self._place(batch)
-        return self._result(batch)
+        return batch.result
 
-    async def _result(self, batch: Batch) -> protocol.BatchResult:
+    def _read(self, worker: WorkerProcess) -> None:
+        if worker not in self._readers:  # else the one reading its last line goes on with this one
+            self._readers[worker] = asyncio.get_running_loop().create_task(self._read_line(worker))
+
+    async def _read_line(self, worker: WorkerProcess) -> None:
+        """Read the results of the batches sent to ``worker``, in order, while it has a line: one task, which reads
+        every result already arrived in one turn of the event loop and hands the pipeline's next batch over before
+        any caller wakes (issue 13)."""
         try:
-            worker = await batch.turn
-            result = await self._receive(worker, worker.receive_batch(len(batch.requests), batch.on_chunks))
-        except BaseException as exc:
-            if not isinstance(exc, ServekitError):  # cancelled: the worker's answers are out of step with its line
-                self._abandon(batch)
-            raise
-        self._next(worker)
-        roundtrip_ms = (time.perf_counter() - batch.started) * 1000
-        return protocol.BatchResult(result.outcome, result.handler_ms, result.metrics, roundtrip_ms)
-
-    def _abandon(self, batch: Batch) -> None:
-        """Its caller stopped waiting: a batch that waits for a worker is forgotten; one that was sent leaves its
-        worker's answers out of step with the batches sent to it, so the worker is lost."""
-        batch.abandoned = True
-        if batch.worker is None:
-            with contextlib.suppress(ValueError):
-                self._backlog.remove(batch)
-            return
-        worker = batch.worker
-        self._lost(worker)
-        self._stop(worker.kill())
+            while (line := self._lines.get(worker)) is not None:
+                batch = line[0]
+                try:
+                    answer = await self._receive(worker, worker.receive_batch(len(batch.requests), batch.on_chunks))
+                except ServekitError as exc:  # ``_lost`` took the worker's line
+                    if not batch.result.done():
+                        batch.result.set_exception(exc)
+                    return
+                self._next(worker)
+                if answer.handler_ms > 0:
+                    seconds = answer.handler_ms / 1000
+                    self.batch_s = seconds if not self.batch_s else 0.9 * self.batch_s + 0.1 * seconds
+                if not batch.result.done():
+                    roundtrip_ms = (time.perf_counter() - batch.started) * 1000
+                    batch.result.set_result(
+                        protocol.BatchResult(answer.outcome, answer.handler_ms, answer.metrics, roundtrip_ms)
+                    )
+        finally:
+            del self._readers[worker]  # at once: a line opened from now on needs a reader of its own
 
     # Lanes: the answers of acquired workers, and describe requests.
 
@@ -148,7 +154,7 @@ class WorkerPool(WorkerQueue):
         known = worker in self.workers
         self._discard(worker)
         for batch in list(self._lines.pop(worker, ()))[1:]:
-            if not batch.abandoned:
+            if not batch.result.done():
                 batch.worker = None
                 self._place(batch)
         if known and not worker.retiring:

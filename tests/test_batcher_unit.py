@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from servekit.errors import (
     DeadlineExceededError,
     HandlerError,
     QueueFullError,
+    ServekitError,
     ServiceUnavailableError,
     WorkerDiedError,
 )
@@ -31,6 +32,8 @@ class Run:
     requests: list[Request]
     on_chunks: OnChunks
     result: asyncio.Future[BatchResult]
+    freed: Callable[[], None]  # its worker has room again
+    overloaded: bool  # the batcher said it refuses requests and holds a full batch
 
     @property
     def ids(self) -> list[str]:
@@ -38,7 +41,15 @@ class Run:
 
     def answer(self, roundtrip_ms: float = 2.0) -> None:
         responses = [Response(200, "text/plain", f"ok {r.request_id}".encode()) for r in self.requests]
-        self.result.set_result(BatchResult(responses, handler_ms=1.0, roundtrip_ms=roundtrip_ms))
+        self.settle(BatchResult(responses, handler_ms=1.0, roundtrip_ms=roundtrip_ms))
+
+    def settle(self, outcome: BatchResult | ServekitError) -> None:
+        """Its result or error, as the pool gives it: the worker has room before the result is set."""
+        self.freed()
+        if isinstance(outcome, ServekitError):
+            self.result.set_exception(outcome)
+        else:
+            self.result.set_result(outcome)
 
 
 class FakePool:
@@ -63,22 +74,21 @@ class FakePool:
             self._freed.clear()
             await self._freed.wait()
 
-    def room(self) -> bool:
+    def room(self, overloaded: bool = False) -> bool:
         return self.free > 0
 
-    def run(self, requests: list[Request], on_chunks: OnChunks) -> Awaitable[BatchResult]:
+    def run(
+        self, requests: list[Request], on_chunks: OnChunks, overloaded: bool = False
+    ) -> asyncio.Future[BatchResult]:
         assert self.free > 0, "the batcher handed a batch over without room"
         self.free -= 1
-        run = Run(requests, on_chunks, asyncio.get_running_loop().create_future())
+        run = Run(requests, on_chunks, asyncio.get_running_loop().create_future(), self._freed_one, overloaded)
         self.runs.put_nowait(run)
-        return self._result(run)
+        return run.result
 
-    async def _result(self, run: Run) -> BatchResult:
-        try:
-            return await run.result
-        finally:
-            self.free += 1
-            self._freed.set()
+    def _freed_one(self) -> None:
+        self.free += 1
+        self._freed.set()
 
     def fail(self, reason: str) -> None:
         self.reason = reason
@@ -184,6 +194,33 @@ def test_batcher_hands_the_next_batch_over_before_answering_the_last() -> None:
     run_async(scenario)
 
 
+def test_batcher_tells_the_pool_when_it_is_overloaded() -> None:
+    """Once the batcher refuses requests, a full batch may go into a deeper pipeline; before, batches wait here."""
+
+    async def scenario() -> None:
+        pool = FakePool()
+        batcher, _ = make(pool, batch_size=2, queue_size=4)
+        tasks = await started([batcher.submit(request(i)) for i in range(3)])
+        head = await pool.runs.get()
+        head.answer()
+        run = await pool.runs.get()
+        assert (head.overloaded, run.ids, run.overloaded) == (False, ["r1", "r2"], False)  # full, none refused
+        tasks += await started([batcher.submit(request(i)) for i in range(3, 7)])  # the queue is full
+        with pytest.raises(QueueFullError):
+            await batcher.submit(request("refused"))
+        run.answer()
+        flags = []
+        for _ in range(2):
+            run = await pool.runs.get()
+            flags.append(run.overloaded)
+            run.answer()
+        assert flags == [True, True]
+        await asyncio.gather(*tasks)
+        await batcher.close(0)
+
+    run_async(scenario)
+
+
 def test_batcher_refuses_when_the_queue_is_full_or_no_worker_can_serve() -> None:
     async def scenario() -> None:
         pool = FakePool()
@@ -267,8 +304,8 @@ def test_batcher_failed_batch_fails_only_its_own_requests() -> None:
         failed = await pool.runs.get()
         tasks += await started([batcher.submit(request(i)) for i in range(2, 3)])
         served = await pool.runs.get()
-        died.result.set_exception(WorkerDiedError("Worker died while running model m: killed by SIGKILL"))
-        failed.result.set_result(BatchResult(Failure(507, "MemoryError", "Out of resources", verbatim=True)))
+        died.settle(WorkerDiedError("Worker died while running model m: killed by SIGKILL"))
+        failed.settle(BatchResult(Failure(507, "MemoryError", "Out of resources", verbatim=True)))
         served.answer()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(results[0], WorkerDiedError) and "SIGKILL" in results[0].message
@@ -296,7 +333,7 @@ def test_batcher_no_worker_left_fails_the_queued_requests_with_503() -> None:
         with pytest.raises(ServiceUnavailableError) as refused:
             await queued[0]
         assert refused.value.message == 'Model "m" has no healthy worker'
-        head.result.set_exception(ServiceUnavailableError("has no worker to serve inference request"))
+        head.settle(ServiceUnavailableError("has no worker to serve inference request"))
         with pytest.raises(ServiceUnavailableError, match='Model "m" has no worker'):
             await running[0]
         await batcher.close(0)
@@ -318,7 +355,7 @@ def test_batcher_streams_chunks_to_their_request_then_the_last() -> None:
         assert (streamed.status, streamed.payload, streamed.headers) == (200, b"one", {"x-stream": "yes"})
         assert streamed.more is not None
         run.on_chunks([(0, Response(200, "text/plain", b"two"))])
-        run.result.set_result(BatchResult([Response(200, None, b"three"), Response(200, None, b"whole")]))
+        run.settle(BatchResult([Response(200, None, b"three"), Response(200, None, b"whole")]))
         assert [chunk async for chunk in streamed.more] == [b"two", b"three"]
         plain = await tasks[1]
         assert (plain.payload, plain.more) == (b"whole", None)
@@ -336,7 +373,7 @@ def test_batcher_stream_that_loses_its_worker_ends_with_the_error() -> None:
         run = await pool.runs.get()
         run.on_chunks([(0, Response(200, None, b"first"))])
         streamed = await task
-        run.result.set_exception(WorkerDiedError("Worker died while running model m: exit code 1"))
+        run.settle(WorkerDiedError("Worker died while running model m: exit code 1"))
         assert streamed.more is not None
         with pytest.raises(WorkerDiedError, match="exit code 1"):
             async for _ in streamed.more:

@@ -7,6 +7,7 @@ request goes ahead of the batches. Then the batcher and the pool together. No wo
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from servekit.batcher import Batcher
 from servekit.errors import ResponseTimeoutError, ServekitError, ServiceUnavailableError, WorkerDiedError
 from servekit.pool import BACKOFF_S, WorkerPool
-from servekit.pool_queue import CRASH_LOOP, PIPELINE
+from servekit.pool_queue import CRASH_LOOP, MAX_PIPELINE, PIPELINE, PIPELINE_S
 from servekit.process import OnChunks, PoolSettings, WorkerProcess
 from servekit.protocol import BatchResult, LoadCommand, MetricRecord, Request, Response, Step
 
@@ -352,19 +353,53 @@ def test_pool_close_fails_the_batches_waiting_for_a_worker() -> None:
     run_async(scenario)
 
 
-def test_pool_a_caller_that_stops_waiting_costs_the_worker_not_the_others() -> None:
+def test_pool_a_caller_that_stops_waiting_costs_nothing() -> None:
+    """A batch whose caller cancels it: sent, its answer is read and dropped and the worker stays, its next batch
+    getting its own answer; still waiting for a worker, it is never sent."""
+
     async def scenario() -> None:
         clock = Clock()
-        pool, (w1, w2) = await new_pool(2, clock)
-        a = asyncio.ensure_future(pool.run(batch("a")))
-        behind = asyncio.ensure_future(pool.run(batch("b")))
+        pool, (w,) = await new_pool(1, clock)
+        a = pool.run(batch("a"))
+        b = pool.run(batch("b"))
+        waiting = pool.run(batch("waiting"))  # the pipeline is full: it waits for the worker
         await turns()
-        assert w1.batches == [["a"]] and w2.batches == [["b"]]
-        a.cancel()  # its answer will never be read: w1's answers would be out of step
-        await turns(10)
-        assert "kill" in w1.ended and pool.workers == [w2] and clock.delays == [BACKOFF_S[0]]
-        w2.answer("b")
-        assert ids(await behind) == [b"b"]
+        assert w.batches == [["a"], ["b"]]
+        a.cancel()
+        waiting.cancel()
+        await turns()
+        w.answer("a")
+        w.answer("b")
+        assert ids(await b) == [b"b"]  # not a's answer: the worker's answers stay in step
+        c = pool.run(batch("c"))
+        await turns()
+        w.answer("c")
+        assert ids(await c) == [b"c"]
+        assert w.batches == [["a"], ["b"], ["c"]] and w.ended == [] and pool.workers == [w] and clock.delays == []
+        await pool.close()
+
+    run_async(scenario)
+
+
+def test_pool_full_batches_of_a_fast_handler_go_into_a_deeper_pipeline_on_the_shortest_line() -> None:
+    async def scenario() -> None:
+        pool, (w1, w2) = await new_pool(2)
+        first = [pool.run(batch(f"x{i}"), overloaded=True) for i in range(2 * PIPELINE)]
+        assert not pool.room(overloaded=True)  # the handler's time is not known yet: two deep
+        for w in (w1, w2) * PIPELINE:
+            w.answers.put_nowait(BatchResult([Response(200, None, b"")], handler_ms=1.0))  # 1 ms a batch
+        await asyncio.gather(*first)
+        depth = math.ceil(PIPELINE_S / 0.001)
+        assert PIPELINE < depth < MAX_PIPELINE and pool.batch_s == pytest.approx(0.001)
+        running = [pool.run(batch(f"y{i}")) for i in range(2 * PIPELINE)]
+        assert not pool.room() and pool.room(overloaded=True)  # a partial batch waits; a full one may go
+        running += [pool.run(batch(f"f{i}"), overloaded=True) for i in range(2 * (depth - PIPELINE))]
+        assert (len(w1.batches), len(w2.batches)) == (PIPELINE + depth, PIPELINE + depth)  # the shorter line first
+        assert not pool.room(overloaded=True)
+        for w in (w1, w2) * depth:
+            w.answers.put_nowait(BatchResult([Response(200, None, b"")], handler_ms=100.0))  # now slow
+        await asyncio.gather(*running)
+        assert pool.busy == 0 and pool._depth(overloaded=True) == PIPELINE  # a slow handler's pipeline is two deep
         await pool.close()
 
     run_async(scenario)

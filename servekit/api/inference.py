@@ -169,7 +169,7 @@ class Predictions:
             model = self.registry.get(name, version or None)
         except ServekitError:
             return None
-        error = model.batcher.refusal()
+        error = model.batcher.refusal(promise=True)
         if error is None:
             return None
         start = time.perf_counter()
