@@ -221,6 +221,29 @@ def test_batcher_tells_the_pool_when_it_is_overloaded() -> None:
     run_async(scenario)
 
 
+def test_batcher_heads_read_in_one_turn_hold_their_places_until_the_next() -> None:
+    """A head that passes (``refusal(promise=True)``) counts against the queue until the next turn of the loop, so that
+    the heads read in one turn do not all pass; the request itself, queued after its body, is not refused by it."""
+
+    async def scenario() -> None:
+        pool = FakePool()
+        batcher, _ = make(pool, batch_size=1, queue_size=3)
+        running = await started([batcher.submit(request(0))])  # the worker is busy from now on
+        queued = await started([batcher.submit(request(1))])
+        assert batcher.refusal(promise=True) is None
+        assert batcher.refusal(promise=True) is None
+        assert isinstance(batcher.refusal(promise=True), QueueFullError)  # 1 queued + 2 promised
+        assert batcher.refusal() is None  # a promised request's own submit
+        await asyncio.sleep(0)  # the next turn: the promised requests have been queued (or not)
+        assert batcher.refusal(promise=True) is None
+        (await pool.runs.get()).answer()
+        (await pool.runs.get()).answer()
+        await asyncio.gather(*running, *queued)
+        await batcher.close(0)
+
+    run_async(scenario)
+
+
 def test_batcher_refuses_when_the_queue_is_full_or_no_worker_can_serve() -> None:
     async def scenario() -> None:
         pool = FakePool()
