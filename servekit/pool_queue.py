@@ -10,9 +10,9 @@ requests and holds a full batch) the pipeline goes deeper, up to ``PIPELINE_S`` 
 can outlast many of its batches (issue 13). A slow model's pipeline stays two deep, and so does every pipeline below
 overload: a deep one there gains nothing and makes the load bursty (W1 at 64 clients: p99 33-40 ms instead of 10-26),
 and a request not yet sent waits in the batcher's queue, where one whose client went away or whose deadline passed is
-dropped before it reaches a worker. Batchers that hold workers (lanes) ``acquire``
-one and ``release`` it; an urgent caller (a describe request) gets the next worker released, ahead of the backlog and
-the lanes. Nothing here awaits a worker: it is bookkeeping, called on every batch.
+dropped before it reaches a worker. Batchers that hold workers (lanes) ``acquire`` one and ``release`` it; an urgent
+caller (a describe request) gets the next worker released, ahead of the backlog and the lanes. Nothing here awaits a
+worker: it is bookkeeping, called on every batch.
 
 Runs in the front-end process (asyncio); never imports the handler or torch.
 """
