@@ -105,7 +105,18 @@ class WorkerQueue:
     def room(self, overloaded: bool = False) -> bool:
         """Whether ``run`` sends a batch at once: a worker is idle, or a busy one has room in its pipeline (deeper when
         ``overloaded``), and no batch waits for a worker."""
-        return not self._backlog and (bool(self._idle) or self._pipeline(overloaded) is not None)
+        return self.slots(overloaded) > 0
+
+    def slots(self, overloaded: bool = False) -> int:
+        """How many batches ``run`` would send at once, one after another: to the idle workers and into the pipelines
+        of the busy ones, as many as they have room for; none while a batch waits for a worker."""
+        if self._backlog:
+            return 0
+        if self.closed or self._urgent:  # no pipeline takes more
+            return len(self._idle)
+        depth = self._depth(overloaded)
+        lines = self._lines.items()
+        return len(self._idle) * depth + sum(max(0, depth - len(line)) for worker, line in lines if not worker.retiring)
 
     def _place(self, batch: Batch) -> None:
         """Send ``batch`` to an idle worker, else into the pipeline of a busy one; else it waits for a worker, after

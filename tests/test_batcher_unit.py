@@ -57,9 +57,9 @@ class FakePool:
     ``runs`` for the test to answer it."""
 
     def __init__(self, workers: int = 1, pipeline: int = 1) -> None:
-        self.slots = workers * pipeline
         self.pipeline = pipeline
         self.free = workers * pipeline
+        self.deep = 0  # of the free slots, those taken only under overload (a deeper pipeline)
         self.reason: str | None = None
         self.runs: asyncio.Queue[Run] = asyncio.Queue()
         self._freed = asyncio.Event()
@@ -76,6 +76,9 @@ class FakePool:
 
     def room(self, overloaded: bool = False) -> bool:
         return self.free > 0
+
+    def slots(self, overloaded: bool = False) -> int:
+        return self.free if overloaded else max(0, self.free - self.deep)
 
     def run(
         self, requests: list[Request], on_chunks: OnChunks, overloaded: bool = False
@@ -239,6 +242,38 @@ def test_batcher_heads_read_in_one_turn_hold_their_places_until_the_next() -> No
         (await pool.runs.get()).answer()
         (await pool.runs.get()).answer()
         await asyncio.gather(*running, *queued)
+        await batcher.close(0)
+
+    run_async(scenario)
+
+
+def test_batcher_under_overload_heads_that_the_pool_takes_at_once_need_no_place_in_the_queue() -> None:
+    """Under overload (a refusal in the last second), requests the pool would take at once in full batches wait for
+    no worker: their heads pass beyond the queue's room, and each full batch leaves as its last request is queued,
+    in the same turn of the event loop (issue 13: the heads read in one turn are not held to the queue's size while
+    the worker has room for more). Without a refusal, the queue alone bounds them."""
+
+    async def scenario() -> None:
+        pool = FakePool(workers=1, pipeline=3)
+        pool.deep = 2  # a fast model: two of its three slots only under overload
+        batcher, _ = make(pool, batch_size=2, queue_size=2)
+        first = await started([batcher.submit(request(i)) for i in range(3)])  # one sent alone, two wait
+        assert pool.runs.qsize() == 1 and batcher.depth == 2
+        assert isinstance(batcher.refusal(promise=True), QueueFullError)  # overloaded from now on
+        (await pool.runs.get()).answer()
+        await first[0]
+        assert pool.runs.qsize() == 1 and pool.free == 2 and batcher.depth == 0  # the waiting two were sent
+        passed = [batcher.refusal(promise=True) for _ in range(2 + 2 * 2)]
+        assert passed == [None] * 6  # the queue's 2, and 2 batches of 2 that the deeper pipeline takes at once
+        assert isinstance(batcher.refusal(promise=True), QueueFullError)
+        second = [asyncio.ensure_future(batcher.submit(request(i))) for i in range(8, 14)]
+        await asyncio.sleep(0)  # one turn: every task has submitted
+        assert pool.runs.qsize() == 3 and batcher.depth == 2  # two more batches left at once, two requests wait
+        assert not any(task.done() for task in second)  # none refused
+        for _ in range(4):
+            (await pool.runs.get()).answer()
+        answers = [(await task).payload for task in first[1:] + second]
+        assert answers == [f"ok r{i}".encode() for i in [1, 2, *range(8, 14)]]
         await batcher.close(0)
 
     run_async(scenario)

@@ -125,16 +125,17 @@ async def turns(n: int = 5) -> None:
 def test_pool_run_sends_to_idle_workers_first_then_into_a_busy_ones_pipeline() -> None:
     async def scenario() -> None:
         pool, (w1, w2) = await new_pool(2)
-        assert pool.room()
+        assert pool.room() and pool.slots() == 2 * PIPELINE  # one to each idle worker, then into their pipelines
         await pool.wait_idle()
         a = asyncio.ensure_future(pool.run(batch("a")))
         b = asyncio.ensure_future(pool.run(batch("b")))
         assert (w1.batches, w2.batches) == ([["a"]], [["b"]])  # sent before run returned, one per idle worker
-        assert PIPELINE == 2 and pool.room()  # no worker is idle, but each has room for one more
+        assert PIPELINE == 2 and pool.room() and pool.slots() == 2  # no worker is idle, but each has room for one more
         c = asyncio.ensure_future(pool.run(batch("c")))
         d = asyncio.ensure_future(pool.run(batch("d")))
         assert w1.batches + w2.batches == [["a"], ["c"], ["b"], ["d"]] and not pool.room()
         e = asyncio.ensure_future(pool.run(batch("e")))  # no room: it waits for a worker
+        assert pool.slots() == pool.slots(overloaded=True) == 0  # a batch waits: none goes ahead of it
         await turns()
         assert sum(len(w.batches) for w in (w1, w2)) == 4 and pool.busy == 2
         w1.answer("a")
