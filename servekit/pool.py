@@ -97,8 +97,7 @@ class WorkerPool(WorkerQueue):
                     return
                 self._next(worker)
                 if answer.handler_ms > 0:
-                    seconds = answer.handler_ms / 1000
-                    self.batch_s = seconds if not self.batch_s else 0.9 * self.batch_s + 0.1 * seconds
+                    self.measured(answer.handler_ms / 1000)
                 if not batch.result.done():
                     roundtrip_ms = (time.perf_counter() - batch.started) * 1000
                     batch.result.set_result(

@@ -63,7 +63,8 @@ class WorkerQueue:
         self.target = 0
         self.closed = False
         self._failures = 0  # worker failures in a row (``WorkerPool`` counts them)
-        self.batch_s = 0.0  # the handler's time per batch, a moving average (``WorkerPool`` measures it); 0: unknown
+        self.batch_s = 0.0  # the handler's time per batch, a moving average (``measured``); 0: unknown
+        self._deep = PIPELINE  # how many batches a busy worker holds under overload (``_depth``)
         self._idle: collections.deque[WorkerProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()
         self._urgent: collections.deque[asyncio.Future[WorkerProcess]] = collections.deque()  # served first
@@ -115,8 +116,11 @@ class WorkerQueue:
         if self.closed or self._urgent:  # no pipeline takes more
             return len(self._idle)
         depth = self._depth(overloaded)
-        lines = self._lines.items()
-        return len(self._idle) * depth + sum(max(0, depth - len(line)) for worker, line in lines if not worker.retiring)
+        free = len(self._idle) * depth
+        for worker, line in self._lines.items():  # a loop, not sum(): under overload this runs for every head read
+            if len(line) < depth and not worker.retiring:
+                free += depth - len(line)
+        return free
 
     def _place(self, batch: Batch) -> None:
         """Send ``batch`` to an idle worker, else into the pipeline of a busy one; else it waits for a worker, after
@@ -147,10 +151,13 @@ class WorkerQueue:
 
     def _depth(self, overloaded: bool) -> int:
         """How many batches a busy worker holds: ``PIPELINE``, or when ``overloaded`` as many as make ``PIPELINE_S`` of
-        the handler's time (once measured), at most ``MAX_PIPELINE``."""
-        if not overloaded or not self.batch_s:
-            return PIPELINE
-        return max(PIPELINE, min(MAX_PIPELINE, math.ceil(PIPELINE_S / self.batch_s)))
+        the handler's time (once ``measured``), at most ``MAX_PIPELINE``."""
+        return self._deep if overloaded else PIPELINE
+
+    def measured(self, seconds: float) -> None:
+        """A batch took the handler ``seconds``: the moving average of its time, and the depth under overload."""
+        self.batch_s = seconds if not self.batch_s else 0.9 * self.batch_s + 0.1 * seconds
+        self._deep = max(PIPELINE, min(MAX_PIPELINE, math.ceil(PIPELINE_S / self.batch_s)))
 
     def _hand(self, worker: WorkerProcess, batch: Batch) -> None:
         self.send(worker, batch.requests)

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
-from servekit import logs, snapshot
+from servekit import heap, logs, snapshot
 from servekit.api.access import AccessLog
 from servekit.api.auth import TokenStore
 from servekit.api.http import DirectRoute, protocol_with
@@ -47,6 +49,7 @@ from servekit.tls import server_context
 if TYPE_CHECKING:
     from servekit.grpc.port import GrpcPort
 
+LISTEN_BACKLOG = 65535  # connections the kernel holds for a port until they are accepted; it caps this at somaxconn
 logger = logging.getLogger("servekit.server")
 WORKER_EXIT_S = 5.0  # after the drain: how long workers get to exit before they are killed
 
@@ -80,11 +83,68 @@ def check_writable(settings: Settings) -> None:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to ``serve``, so three can share one process."""
+    """A uvicorn server that leaves signal handling to ``serve``, so three can share one process, and that accepts
+    every connection waiting when its port is readable.
+
+    uvloop's libuv accepts one connection per turn of the event loop. Under a flood a turn takes tens of
+    milliseconds, so new connections were accepted at 20-30 a second: thousands waited in the kernel's accept queue
+    (3,400-3,800 of them, measured with ``ss`` during W1's open loop at twice capacity), each with a request that
+    waited unread for as long as the flood lasted, and past the listen backlog the kernel dropped new connections'
+    SYNs. So each listening socket also has a reader of its own (on a duplicate of its descriptor) that accepts them
+    all and hands each to the loop as uvloop's own accept would (``connect_accepted_socket``); the kernel's queue
+    is as deep as it allows (``LISTEN_BACKLOG``)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._listeners: list[socket.socket] = []
+        self._connecting: set[asyncio.Task[Any]] = set()  # connections accepted, not yet started (``_accept_all``)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        loop = asyncio.get_running_loop()
+        for server in self.servers:
+            for listening in server.sockets:
+                listener = socket.socket(fileno=os.dup(listening.fileno()))
+                listener.setblocking(False)
+                loop.add_reader(listener.fileno(), self._accept_all, loop, listener)
+                self._listeners.append(listener)
+
+    def _accept_all(self, loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+        config = self.config
+        protocol = functools.partial(  # what uvicorn's own server makes for each connection
+            config.http_protocol_class,
+            config=config,  # type: ignore[call-arg]
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: what is left waits in the kernel's queue
+                logger.warning("accepting a connection failed: %s", exc)
+                return
+            task = loop.create_task(loop.connect_accepted_socket(protocol, connection, ssl=config.ssl))
+            self._connecting.add(task)
+            task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self._connecting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a TLS handshake that failed, say
+            logger.debug("a connection was lost before it started: %s", exc)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:  # else the duplicate keeps the port open
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+        await super().shutdown(sockets)
 
 
 def cors_headers(settings: Settings) -> list[tuple[str, str]]:
@@ -252,6 +312,7 @@ async def serve(settings: Settings) -> int:
                 port=a.port,
                 http=protocol_with(settings.http_header_timeout, settings.http_body_timeout, direct),
                 lifespan="off",
+                backlog=LISTEN_BACKLOG,
                 access_log=False,
                 proxy_headers=False,  # the access log names the peer, as TorchServe's does
                 log_level="warning",
@@ -300,6 +361,7 @@ async def serve(settings: Settings) -> int:
         await load_startup_models(registry)
         registry.starting = False
         save_snapshot()
+        heap.settle()
         print("Model server started.", flush=True)
         await stop.wait()
         logger.info("shutting down")

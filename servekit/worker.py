@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from servekit import oip, protocol
+from servekit import heap, oip, protocol
 from servekit.continuous import IterationLoop
 from servekit.encoding import handler_json
 from servekit.envelope import wrap
@@ -308,6 +308,7 @@ def serve(sock: socket.socket) -> int:
         failure = protocol.Failure(500, type(exc).__name__, str(exc) or repr(exc), traceback.format_exc())
         protocol.send_frame(sock, protocol.encode_failure(failure))
         return 1
+    heap.settle()
     loaded = {"op": "loaded", "pid": os.getpid(), "input_schema": worker.input_schema}
     try:
         frame = protocol.encode(loaded)
