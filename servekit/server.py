@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._listeners: list[socket.socket] = []
         self._connecting: set[asyncio.Task[Any]] = set()  # connections accepted, not yet started (``_accept_all``)
+        self._protocol: Callable[[], asyncio.Protocol] | None = None  # what uvicorn makes for each connection
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -105,6 +106,13 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        config = self.config
+        self._protocol = functools.partial(
+            config.http_protocol_class,
+            config=config,  # type: ignore[call-arg]
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
         loop = asyncio.get_running_loop()
         for server in self.servers:
             for listening in server.sockets:
@@ -114,13 +122,7 @@ class _Server(uvicorn.Server):
                 self._listeners.append(listener)
 
     def _accept_all(self, loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
-        config = self.config
-        protocol = functools.partial(  # what uvicorn's own server makes for each connection
-            config.http_protocol_class,
-            config=config,  # type: ignore[call-arg]
-            server_state=self.server_state,
-            app_state=self.lifespan.state,
-        )
+        assert self._protocol is not None
         while True:
             try:
                 connection, _ = listener.accept()
@@ -129,7 +131,7 @@ class _Server(uvicorn.Server):
             except OSError as exc:  # out of descriptors: what is left waits in the kernel's queue
                 logger.warning("accepting a connection failed: %s", exc)
                 return
-            task = loop.create_task(loop.connect_accepted_socket(protocol, connection, ssl=config.ssl))
+            task = loop.create_task(loop.connect_accepted_socket(self._protocol, connection, ssl=self.config.ssl))
             self._connecting.add(task)
             task.add_done_callback(self._connected)
 
