@@ -181,17 +181,28 @@ class ModelMetrics:
         how long it waited for a worker when a worker answered it, whatever the status the handler set; ``None``
         when it failed or was refused, which TorchServe's latency and queue families do not count (only
         ``ts_inference_requests_total`` and ``RequestsNXX`` do)."""
-        requests = self._requests.get(status)
-        if requests is None:  # a lookup of labels costs more than the rest of a refusal's metrics
-            requests = self._requests[status] = self._metrics.requests.labels(self.name, self.version, outcome(status))
-        requests.inc()
+        labels = self._count(url_version, status)
         self._latency.observe(seconds)
-        labels = self._labels(url_version)
-        self._ts_requests.add(labels, 1.0)
         if queued_s is not None:
             self._ts_latency.add(labels, seconds * 1e6)
             self._ts_queue.add(labels, queued_s * 1e6)
             self._queue_time.add(HOST_LABELS, float(int(queued_s * 1000)))  # whole milliseconds, as TorchServe's
+
+    def refused(self, url_version: str, status: int) -> None:
+        """One request refused from its head (overload): counted as ``request`` counts a request, but not in the
+        latency histogram, where a flood's thousands of refusals a second, each at zero, would hide the latency of
+        the requests served."""
+        self._count(url_version, status)
+
+    def _count(self, url_version: str, status: int) -> Labels:
+        """Count an answer in ``servekit_requests_total`` and ``ts_inference_requests_total``; the latter's labels."""
+        requests = self._requests.get(status)
+        if requests is None:  # a lookup of labels costs more than the rest of a refusal's metrics
+            requests = self._requests[status] = self._metrics.requests.labels(self.name, self.version, outcome(status))
+        requests.inc()
+        labels = self._labels(url_version)
+        self._ts_requests.add(labels, 1.0)
+        return labels
 
     def queued(self, seconds: float) -> None:
         """One request left the queue after ``seconds``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from servekit.api.http import whole_request
 from tests.helpers import Server, make_archive, running_server
 
 QUEUE = 3
@@ -117,6 +119,10 @@ def requests_total(server: Server, outcome: str) -> float:
     return scrape(server, "servekit_requests_total", model_name="gated", outcome=outcome)
 
 
+def latency_count(server: Server) -> float:
+    return scrape(server, "servekit_request_latency_seconds_count", model_name="gated")
+
+
 @contextlib.contextmanager
 def worker_held(server: Server, gates: Path, gate: str, pool: ThreadPoolExecutor) -> Iterator[Future[httpx.Response]]:
     """The gated model's worker held in its handler by request ``gate/primer`` until the block ends, then let go; the
@@ -147,6 +153,7 @@ class Burst:
     probes: list[Outcome]  # requests to the gated model sent between those
     rejected: float  # servekit_requests_total{model_name="gated"} added by the burst and the probes
     succeeded: float
+    observed: float  # and servekit_request_latency_seconds_count
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +161,7 @@ def burst(server: Server, gates: Path) -> Burst:
     """12 concurrent requests to the gated model (one holding its worker, then 11) and requests to the fast model
     while it is overloaded; answered once the worker is let go."""
     rejected, succeeded = requests_total(server, "rejected"), requests_total(server, "success")
+    observed = latency_count(server)
     bodies = [f"burst/{i:02d}" for i in range(BURST)]
     with ThreadPoolExecutor(max_workers=BURST + 5) as pool:
         with worker_held(server, gates, "burst", pool) as primer:
@@ -174,6 +182,7 @@ def burst(server: Server, gates: Path) -> Burst:
         probes,
         requests_total(server, "rejected") - rejected,
         requests_total(server, "success") - succeeded,
+        latency_count(server) - observed,
     )
 
 
@@ -217,10 +226,11 @@ def test_shedding_full_service_resumes_after_the_burst(server: Server, burst: Bu
     assert [(r.status_code, r.json()["echo"]) for r in responses] == [(200, body) for body in bodies]
 
 
-def test_shedding_metrics_count_every_refusal_as_rejected(burst: Burst) -> None:
+def test_shedding_metrics_count_every_refusal_as_rejected_and_time_only_the_served(burst: Burst) -> None:
     answers = [a for a in [*burst.answers.values(), *burst.probes] if isinstance(a, httpx.Response)]
     assert burst.rejected == sum(a.status_code == 503 for a in answers) == BURST - QUEUE + len(burst.probes)
     assert burst.succeeded == sum(a.status_code == 200 for a in answers) == 1 + QUEUE
+    assert burst.observed == burst.succeeded  # refusals are not in the latency histogram (docs/api.md)
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -285,3 +295,103 @@ def test_shedding_refusals_are_logged_once_a_second_and_each_in_the_access_log(s
     assert all(" WARNING servekit.batcher: model gated: refused " in line for line in summaries())
     assert all(line.endswith(QUEUE_FULL_MESSAGE) for line in summaries())
     assert len(summaries()) < rejected  # the burst's refusals arrived together and share a line
+
+
+def read_raw(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, as the server wrote it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def same_but_per_answer(raw: bytes) -> bytes:
+    """``raw`` with the values that differ from one answer to the next (date, request id, Retry-After) blanked."""
+    return re.sub(rb"(?m)^(date|x-request-id|retry-after): [^\r]*\r$", rb"\1: -\r", raw)
+
+
+def test_shedding_refusal_read_whole_is_the_parsers_answer_byte_for_byte(server: Server, gates: Path) -> None:
+    """While the port refuses, a request that arrives whole is answered from its bytes without the parser
+    (``servekit.api.http.whole_request``); its answer is the parser's, byte for byte, with keep-alive and with
+    ``Connection: close``."""
+    body = b"raw/whole"
+    head = request_head(len(body))
+    closing = head.replace(b"Host: test\r\n", b"Host: test\r\nConnection: close\r\n")
+    host, port = server.inference.removeprefix("http://").split(":")
+    answers = {}
+    with ThreadPoolExecutor(max_workers=1 + QUEUE) as pool:
+        with worker_held(server, gates, "whole", pool):
+            queued = [pool.submit(post, server, "gated", f"whole/queued-{i}") for i in range(QUEUE)]
+            assert wait_until(lambda: scrape(server, "servekit_queue_depth", model_name="gated") == QUEUE)
+            with socket.create_connection((host, int(port)), 10) as sock:
+                sock.sendall(head)  # the head alone: the parser's path
+                answers["parsed"] = read_raw(sock)
+                sock.sendall(body)
+                sock.sendall(head + body)  # whole: read from its bytes
+                answers["whole"] = read_raw(sock)
+            for name, request in (("parsed, close", [closing, body]), ("whole, close", [closing + body])):
+                with socket.create_connection((host, int(port)), 10) as sock:
+                    sock.sendall(request[0])
+                    answers[name] = read_raw(sock)
+                    for rest in request[1:]:
+                        with contextlib.suppress(OSError):  # the server may have closed already
+                            sock.sendall(rest)
+                    assert sock.recv(1) == b""  # and the connection closes
+        assert [outcome(f).status_code for f in queued] == [200] * QUEUE  # type: ignore[union-attr]
+    for raw in answers.values():
+        status, headers, text = read_response_bytes(raw)
+        assert_refused(status, headers, text)
+    assert same_but_per_answer(answers["parsed"]) == same_but_per_answer(answers["whole"])
+    assert same_but_per_answer(answers["parsed, close"]) == same_but_per_answer(answers["whole, close"])
+    assert b"\r\nconnection: close\r\n" in answers["whole, close"]
+    assert b"connection: close" not in answers["whole"]
+
+
+def read_response_bytes(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("raw", "taken"),
+    [
+        (b"POST /predictions/m HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab", True),
+        (b"PUT /predictions/m/2.0?x=%41 HTTP/1.1\r\ncontent-length:2 \r\nConnection: close\r\n\r\nab", True),
+        (b"POST /predictions/m HTTP/1.1\r\nHost: h\r\n\r\n", True),  # no body
+        (b"POST /predictions/m HTTP/1.1\r\nContent-Length: 2\r\n\r\na", False),  # the body is still on its way
+        (b"POST /predictions/m HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET / HTTP/1.1\r\n\r\n", False),  # pipelined
+        (b"POST /predictions/m HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab", False),
+        (b"POST /predictions/m HTTP/1.1\r\nContent-Length: +2\r\n\r\nab", False),
+        (b"POST /predictions/m HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n", False),
+        (b"POST /predictions/m HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab", False),
+        (b"POST /predictions/m HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", False),
+        (b"POST /predictions/m%2F HTTP/1.1\r\nContent-Length: 0\r\n\r\n", False),  # an escape in the path
+        (b"POST /predictions/m HTTP/1.0\r\nContent-Length: 0\r\n\r\n", False),
+        (b"GET /predictions/m HTTP/1.1\r\n\r\n", False),
+        (b"POST /predictions/m HTTP/1.1\r\nBad Name: x\r\n\r\n", False),
+        (b"POST /predictions/m HTTP/1.1\r\nX: \x01\r\n\r\n", False),
+        (b"POST /predictions/m HTTP/1.1\r\n folded\r\n\r\n", False),
+        (b"POST /predictions/m HTTP/1.1\nContent-Length: 0\n\n", False),
+    ],
+)
+def test_shedding_whole_request_takes_only_plain_whole_requests(raw: bytes, taken: bool) -> None:
+    request = whole_request(raw)
+    assert (request is not None) == taken
+    if request is not None and raw.startswith(b"PUT"):
+        assert request == (
+            "PUT",
+            "/predictions/m/2.0",
+            b"x=%41",
+            [(b"content-length", b"2"), (b"connection", b"close")],
+            False,
+        )

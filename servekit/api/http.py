@@ -10,6 +10,10 @@ keep uvicorn's own timeout.
 
 Overload: every inference request's head is offered to the route's ``refuse`` before its body is read; a request the
 model cannot queue is answered 503 there, and its connection rests if it comes straight back (``Pacing``, issue 13).
+While a port refuses (a refusal in the last second), a request that arrives whole in one read, in the plain form
+clients send (``whole_request``), is offered to ``refuse`` from its bytes before the parser sees it; a refusal then
+skips the parser's callbacks and uvicorn's request scope, and its answer's bytes are built once a second
+(``Refusal``): under a flood the front end's time goes to the requests it serves.
 
 Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
 when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
@@ -32,17 +36,60 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from starlette.responses import Response, StreamingResponse
 
 from servekit.api.pacing import Deadlines, Pacing
-from servekit.api.response import Exchange, ResponseWriter
+from servekit.api.response import Exchange, Refusal, ResponseWriter
 
 DISCONNECT_HOOKS = "servekit.disconnect_hooks"
 Hooks = set[Callable[[], Any]]
-Raw = tuple[int, list[tuple[bytes, bytes]], bytes]  # a response of ours, as written: status, headers, body
+
+
+# A request's head as ``whole_request`` takes it: POST or PUT, a path without escapes, HTTP/1.1, header lines of
+# printable ASCII. Anything else is left to the parser, which answers it as before.
+_HEAD = re.compile(
+    rb"(POST|PUT) (/[^\x00-\x20#%?\x7f-\xff]*)(?:\?([^\x00-\x20#\x7f-\xff]*))? HTTP/1\.1\r\n"
+    rb"((?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*)\r\n"
+)
+_FIELD = re.compile(rb"([^:]+):[\t ]*([\t\x20-\x7e]*?)[\t ]*\r\n")
+_NOT_PLAIN = (b"transfer-encoding", b"expect", b"upgrade")
+WholeRequest = tuple[str, str, bytes, list[tuple[bytes, bytes]], bool]  # method, path, query, headers, keep-alive
+
+
+def whole_request(data: bytes) -> WholeRequest | None:
+    """``data`` as one whole request (head and ``Content-Length`` body, nothing after it) in the plain form clients
+    send, with its headers as uvicorn gives them (lower-case names, values without surrounding blanks); ``None``
+    for anything else: a partial or pipelined request, a chunked body, ``Expect``, an upgrade, a ``Connection``
+    other than keep-alive or close, escapes in the path, HTTP/1.0."""
+    head = _HEAD.match(data)
+    if head is None:
+        return None
+    method, path, query, block = head.groups()
+    length = 0
+    seen_length = False
+    keep_alive = True
+    headers = []
+    for name, value in _FIELD.findall(block):
+        name = name.lower()
+        if name == b"content-length":
+            if seen_length or not value.isdigit():
+                return None
+            seen_length, length = True, int(value)
+        elif name == b"connection":
+            token = value.lower()
+            if token not in (b"close", b"keep-alive"):
+                return None
+            keep_alive = token == b"keep-alive"
+        elif name in _NOT_PLAIN:
+            return None
+        headers.append((name, value))
+    if head.end() + length != len(data):
+        return None
+    return method.decode(), path.decode("latin-1"), query or b"", headers, keep_alive
 
 
 def discarded_at_most(limit: int) -> int:
@@ -68,7 +115,7 @@ class DirectRoute(Protocol):
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response: ...
 
-    def refuse(self, scope: dict[str, Any]) -> Raw | None:
+    def refuse(self, scope: dict[str, Any]) -> Refusal | None:
         """An answer decided from the request's head alone (overload), or ``None`` to read the body and call."""
 
 
@@ -85,6 +132,8 @@ class HttpProtocol(ResponseWriter):
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
     _exchange: Exchange | None = None
+    _between = True  # the parser is between requests: ``_shed`` may take the next one whole
+    _admitted = False  # ``_shed`` offered this request to ``refuse``, which let it through (and promised it a place)
     _discarded = 0  # bytes of a body dropped after its answer went out through ASGI (a 413 from ``read_body``)
 
     def _arm(self, seconds: float) -> None:
@@ -113,6 +162,7 @@ class HttpProtocol(ResponseWriter):
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
+        self._between = False
         super().on_message_begin()
         self.scope[DISCONNECT_HOOKS] = self._hooks  # type: ignore[literal-required]
         if self._deadline is None:
@@ -133,26 +183,33 @@ class HttpProtocol(ResponseWriter):
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         scope.update(method=method, path=path, raw_path=path.encode("latin-1"), http_version=http_version)
         scope["query_string"] = self.url.partition(b"?")[2]
-        refusal = self.direct.refuse(scope)  # any inference route
+        admitted, self._admitted = self._admitted, False
+        refusal = None if admitted else self.direct.refuse(scope)  # any inference route
         if refusal is None and not self.direct.matches(method, path):
             super().on_headers_complete()
             return
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
+        if refusal is not None:  # the body that follows is skipped (``on_body``)
+            self._exchange = self._refuse(refusal, keep_alive)
+            return
         self._exchange = exchange = Exchange(keep_alive)
         self.cycle = exchange  # type: ignore[assignment]
-        if refusal is not None:  # the body that follows is skipped (``on_body``)
-            exchange.response_complete = True
-            status, headers, body = refusal
-            refused = self.pacing.refused(self.loop)
-            retry_after = str(max(1, math.ceil(refused[1] - refused[0]))).encode()  # how long the connection rests
-            headers = [(k, retry_after if k == b"retry-after" else v) for k, v in headers]
-            if self._write_head(exchange, status, headers, body, checked=True):
-                self._finish(exchange)
-                self._refused = refused
-            return
         declared = next((v for k, v in self.headers if k == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.direct.limit:
             self._too_large(exchange, self.direct, int(declared))
+
+    def _refuse(self, refusal: Refusal, keep_alive: bool) -> Exchange:
+        """Answer a request refused from its head, with a ``Retry-After`` of how long its connection rests if it
+        comes straight back (``Pacing``); its body, if any, is skipped."""
+        exchange = Exchange(keep_alive)
+        exchange.response_complete = True
+        self.cycle = exchange  # type: ignore[assignment]
+        if not self.transport.is_closing():
+            refused_at, wake = self._refused = self.pacing.refused(self.loop)
+            retry_after = max(1, math.ceil(wake - refused_at))
+            self.transport.write(refusal.answer(self.server_state.default_headers, retry_after, keep_alive))
+            self._finish(exchange)
+        return exchange
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
@@ -161,7 +218,31 @@ class HttpProtocol(ResponseWriter):
                 self._held = data
                 self._rest(wake)
                 return
-        super().data_received(data)
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        if not (self._between and self.direct is not None and self.pacing.refusing(self.loop) and self._shed(data)):
+            super().data_received(data)
+
+    def _shed(self, data: bytes) -> bool:
+        """While the port refuses: if ``data`` is one whole plain request (``whole_request``) that the route refuses,
+        answer it as ``on_headers_complete`` would, without the parser; ``False`` leaves ``data`` to the parser."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        request = whole_request(data)
+        if request is None:
+            return False
+        method, path, query, headers, keep_alive = request
+        scope = {"method": method, "path": path, "query_string": query, "headers": headers, "client": self.client}
+        assert self.direct is not None
+        refusal = self.direct.refuse(scope)
+        if refusal is None:  # admitted: the parser reads it, and ``on_headers_complete`` does not ask again
+            self._admitted = True
+            return False
+        self._unset_keepalive_if_required()
+        self._disarm()
+        self._refuse(refusal, keep_alive)
+        return True
 
     def _rest(self, wake: float) -> None:
         """Read nothing more from this connection until ``wake`` (loop time)."""
@@ -180,7 +261,7 @@ class HttpProtocol(ResponseWriter):
                 self.flow.resume_reading()
                 held, self._held = self._held, b""
                 if held:
-                    super().data_received(held)
+                    self._receive(held)
 
     def on_body(self, body: bytes) -> None:
         exchange = self._exchange
@@ -204,6 +285,7 @@ class HttpProtocol(ResponseWriter):
         exchange.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
         self._disarm()
         exchange, self._exchange = self._exchange, None
         if exchange is None:

@@ -30,8 +30,7 @@ from servekit.api.dispatch import (
 )
 from servekit.api.errors import error_response, install_error_handlers
 from servekit.api.frontend import FrontendJSON
-from servekit.api.http import Raw
-from servekit.api.response import new_request_id
+from servekit.api.response import Refusal, new_request_id
 from servekit.api.v2 import create_v2_router, infer_tensors, predict_instances
 from servekit.errors import BadRequestError, RequestTooLargeError, ServekitError, error_body
 from servekit.metrics import Metrics
@@ -117,7 +116,7 @@ class Predictions:
         self.access = access
         self.limit = registry.settings.max_request_size
         self.enveloped = registry.settings.service_envelope is not None
-        self._refusals: dict[tuple[str, bool], bytes] = {}  # error bodies by message and protocol
+        self._refusals: dict[tuple[str, bool], Refusal] = {}  # by message and protocol
 
     def matches(self, method: str, path: str) -> bool:
         if path.startswith(PREFIX):
@@ -154,7 +153,7 @@ class Predictions:
             return await infer_tensors(self.registry, scope, headers, name, version or None, given)
         return await predict_instances(self.registry, scope, headers, name, given)
 
-    def refuse(self, scope: dict[str, Any]) -> Raw | None:
+    def refuse(self, scope: dict[str, Any]) -> Refusal | None:
         """The 503 for a request that cannot be queued now (queue full, no worker, unregistering), decided from its
         head: the body is never parsed and the refusal costs a fraction of a served request, so that under overload
         the front end's time goes to the requests it serves. ``None`` when the request may be queued, or is not for
@@ -173,21 +172,16 @@ class Predictions:
         if error is None:
             return None
         start = time.perf_counter()
-        model.metrics.request(version or "default", error.status_code, 0.0)
+        model.metrics.refused(version or "default", error.status_code)
         self.access.done(scope, error.status_code, start)
-        body = self._refusals.get((error.message, oip))
-        if body is None:
+        refusal = self._refusals.get((error.message, oip))
+        if refusal is None:
             if len(self._refusals) > 1000:  # messages name models: bounded like the models themselves
                 self._refusals.clear()
             body = orjson.dumps({"error": error.message}) if oip else error_body(503, error.type_name, error.message)
-            self._refusals[error.message, oip] = body
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"1"),  # the protocol says more when the connection rests longer
-            (b"x-request-id", new_request_id().encode()),
-        ]
-        return error.status_code, headers, body
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            refusal = self._refusals[error.message, oip] = Refusal(error.status_code, headers, body)
+        return refusal
 
     def too_large(self, scope: dict[str, Any], size: int) -> Response:
         """The 413 for a body over the limit; without ``x-request-id``, as TorchServe's (answered by Netty before

@@ -42,7 +42,7 @@ class Pacing:
     def __init__(self) -> None:
         self.resting = 0
         self.lag = 0.0  # the event loop's recent lag (s): the latest probe's, or an earlier larger one decaying
-        self._last_refusal = 0.0
+        self._last_refusal = -math.inf
         self._probing = False
 
     def refused(self, loop: asyncio.AbstractEventLoop) -> tuple[float, float]:
@@ -52,6 +52,10 @@ class Pacing:
             self._probing = True
             loop.call_at(now + self.probe_s, self._probe, loop, now + self.probe_s)
         return now, self.wake_at(now)
+
+    def refusing(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a connection of this port was refused within the last second."""
+        return loop.time() - self._last_refusal < 1.0
 
     def straight_back(self, refused_at: float, now: float) -> bool:
         """Whether a connection refused at ``refused_at`` and sending again at ``now`` came straight back."""

@@ -31,14 +31,42 @@ NO_CACHE = {
 }
 
 
-_ID_PREFIX = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
+_RANDOM = uuid.uuid4().hex[:20]  # random per process; a counter makes each id unique at no system call
+_ID_PREFIX = f"{_RANDOM[:8]}-{_RANDOM[8:12]}-{_RANDOM[12:16]}-{_RANDOM[16:]}-"
+_ID_BYTES = _ID_PREFIX.encode()
 _id_counter = itertools.count()
 
 
 def new_request_id() -> str:
     """A request id in UUID form (as TorchServe's): a per-process random prefix and a counter."""
-    p = _ID_PREFIX
-    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-{next(_id_counter):012x}"
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
+class Refusal:
+    """A 503 decided from a request's head (``servekit.api.http``): its status, its own headers and its body. Each
+    answer adds ``retry-after`` (how long the connection rests, ``Pacing``) and ``x-request-id``. Under a flood there
+    are thousands a second, so the bytes up to those two headers are built once for each list of the server's
+    default headers (uvicorn renews it, with its ``date``, once a second)."""
+
+    __slots__ = ("_defaults", "_head", "body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._head = b""
+
+    def answer(self, defaults: list[tuple[bytes, bytes]], retry_after: int, keep_alive: bool) -> bytes:
+        """The whole answer, as ``ResponseWriter._write_head`` writes one: status line, ``defaults``, its headers,
+        then ``retry-after``, ``x-request-id`` and, unless ``keep_alive``, ``connection: close``."""
+        if defaults is not self._defaults:
+            lines = [b"%s: %s\r\n" % header for header in [*defaults, *self.headers]]
+            self._head = b"".join([STATUS_LINE[self.status], *lines])
+            self._defaults = defaults
+        tail = b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+        own = b"retry-after: %d\r\nx-request-id: %s%012x\r\n" % (retry_after, _ID_BYTES, next(_id_counter))
+        return b"".join((self._head, own, tail, self.body))
 
 
 class Exchange:
