@@ -35,7 +35,7 @@ from servekit.process import OnChunks, PoolSettings, WorkerProcess
 CRASH_LOOP = 3  # consecutive worker failures after which, with no worker ready, requests are refused at once
 PIPELINE = 2  # batches a busy worker holds while requests wait: the one it runs and the next
 PIPELINE_S = 0.01  # under overload, a busy worker holds batches for this much of its handler's time (measured)
-MAX_PIPELINE = 16  # and at most this many
+MAX_PIPELINE = 64  # and at most this many (W1's batches of 0.2-0.5 ms: 20-50; 16 starved its worker, issue 13)
 NO_WORKER = (  # TorchServe's words, sequence batching and all, so that what matches its answers matches ours
     "has no worker to serve inference request. Please use scale workers API to add workers. If this is a sequence"
     " inference, please check if it is closed, or expired; or exceeds maxSequenceJobQueueSize"
