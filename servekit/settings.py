@@ -124,7 +124,7 @@ class Settings:
     """Requests each model version may hold waiting for a worker; past that, requests are answered 503 with
     ``Retry-After`` (queue full). Batches already handed to a worker are not waiting: a busy worker holds the next
     batch, and under overload a fast model's worker holds up to 10 ms of its measured handler time in batches (at
-    most 16), which are admitted beyond the queue. ``jobQueueSize`` in a model-config YAML overrides it for that
+    most 64), which are admitted beyond the queue. ``jobQueueSize`` in a model-config YAML overrides it for that
     model."""
     default_response_timeout: float = 120.0
     """Seconds a worker may take to answer one batch; then the batch is answered 504 and the worker is killed and
