@@ -322,13 +322,14 @@ def same_but_per_answer(raw: bytes) -> bytes:
     return re.sub(rb"(?m)^(date|x-request-id|retry-after): [^\r]*\r$", rb"\1: -\r", raw)
 
 
-def test_shedding_refusal_read_whole_is_the_parsers_answer_byte_for_byte(server: Server, gates: Path) -> None:
-    """While the port refuses, a request that arrives whole is answered from its bytes without the parser
-    (``servekit.api.http.whole_request``); its answer is the parser's, byte for byte, with keep-alive and with
-    ``Connection: close``."""
+def test_shedding_request_read_whole_is_answered_as_the_parser_would_byte_for_byte(server: Server, gates: Path) -> None:
+    """While the port refuses, a request that arrives whole is decided from its bytes without the parser
+    (``servekit.api.http.whole_request``): refused, or served on the direct route. Either answer is the parser's,
+    byte for byte, with keep-alive and with ``Connection: close``."""
     body = b"raw/whole"
     head = request_head(len(body))
     closing = head.replace(b"Host: test\r\n", b"Host: test\r\nConnection: close\r\n")
+    served = head.replace(b"/predictions/gated", b"/predictions/fast")
     host, port = server.inference.removeprefix("http://").split(":")
     answers = {}
     with ThreadPoolExecutor(max_workers=1 + QUEUE) as pool:
@@ -341,6 +342,12 @@ def test_shedding_refusal_read_whole_is_the_parsers_answer_byte_for_byte(server:
                 sock.sendall(body)
                 sock.sendall(head + body)  # whole: read from its bytes
                 answers["whole"] = read_raw(sock)
+                sock.sendall(served)  # the other model, within its capacity, while the port refuses
+                time.sleep(0.05)  # the body in a later read: the parser's path
+                sock.sendall(body)
+                answers["served, parsed"] = read_raw(sock)
+                sock.sendall(served + body)
+                answers["served, whole"] = read_raw(sock)
             for name, request in (("parsed, close", [closing, body]), ("whole, close", [closing + body])):
                 with socket.create_connection((host, int(port)), 10) as sock:
                     sock.sendall(request[0])
@@ -350,9 +357,13 @@ def test_shedding_refusal_read_whole_is_the_parsers_answer_byte_for_byte(server:
                             sock.sendall(rest)
                     assert closed(sock)
         assert [outcome(f).status_code for f in queued] == [200] * QUEUE  # type: ignore[union-attr]
-    for raw in answers.values():
+    for name, raw in answers.items():
         status, headers, text = parse_response(raw)
-        assert_refused(status, headers, text)
+        if name.startswith("served"):
+            assert (status, json.loads(text)) == (200, {"echo": "raw/whole"})
+        else:
+            assert_refused(status, headers, text)
+    assert same_but_per_answer(answers["served, parsed"]) == same_but_per_answer(answers["served, whole"])
     assert same_but_per_answer(answers["parsed"]) == same_but_per_answer(answers["whole"])
     assert same_but_per_answer(answers["parsed, close"]) == same_but_per_answer(answers["whole, close"])
     assert b"\r\nconnection: close\r\n" in answers["whole, close"]
@@ -391,4 +402,5 @@ def test_shedding_whole_request_takes_only_plain_whole_requests(raw: bytes, take
             b"x=%41",
             [(b"content-length", b"2"), (b"connection", b"close")],
             False,
+            b"ab",
         )

@@ -11,9 +11,9 @@ keep uvicorn's own timeout.
 Overload: every inference request's head is offered to the route's ``refuse`` before its body is read; a request the
 model cannot queue is answered 503 there, and its connection rests if it comes straight back (``Pacing``, issue 13).
 While a port refuses (a refusal in the last second), a request that arrives whole in one read, in the plain form
-clients send (``whole_request``), is offered to ``refuse`` from its bytes before the parser sees it; a refusal then
-skips the parser's callbacks and uvicorn's request scope, and its answer's bytes are built once a second
-(``Refusal``): under a flood the front end's time goes to the requests it serves.
+clients send (``whole_request``), is decided from its bytes before the parser sees it: refused, or run on the direct
+route. Either skips the parser's callbacks, and a refusal's bytes are built once a second (``Refusal``): under a flood
+the front end's time goes to the requests it serves.
 
 Disconnect hooks: a request's scope carries its connection's hooks under ``DISCONNECT_HOOKS``, callables that run
 when the client goes away, so that a queued request is dropped without a task watching ``receive()`` for it.
@@ -57,7 +57,8 @@ _HEAD = re.compile(
 )
 _FIELD = re.compile(rb"([^:]+):[\t ]*([\t\x20-\x7e]*?)[\t ]*\r\n")
 _NOT_PLAIN = (b"transfer-encoding", b"expect", b"upgrade")
-WholeRequest = tuple[str, str, bytes, list[tuple[bytes, bytes]], bool]  # method, path, query, headers, keep-alive
+# method, path, query, headers, keep-alive, body
+WholeRequest = tuple[str, str, bytes, list[tuple[bytes, bytes]], bool, bytes]
 
 
 def whole_request(data: bytes) -> WholeRequest | None:
@@ -87,9 +88,10 @@ def whole_request(data: bytes) -> WholeRequest | None:
         elif name in _NOT_PLAIN:
             return None
         headers.append((name, value))
-    if head.end() + length != len(data):
+    start = head.end()
+    if start + length != len(data):
         return None
-    return method.decode(), path.decode("latin-1"), query or b"", headers, keep_alive
+    return method.decode(), path.decode("latin-1"), query or b"", headers, keep_alive, data[start:]
 
 
 def discarded_at_most(limit: int) -> int:
@@ -132,8 +134,8 @@ class HttpProtocol(ResponseWriter):
     _deadline: float | None = None  # loop time by which the request's head or body must have arrived
     _hooks: Hooks
     _exchange: Exchange | None = None
-    _between = True  # the parser is between requests: ``_shed`` may take the next one whole
-    _admitted = False  # ``_shed`` offered this request to ``refuse``, which let it through (and promised it a place)
+    _between = True  # the parser is between requests: ``_take`` may take the next one whole
+    _admitted = False  # ``_take`` offered this request to ``refuse``, which let it through (and promised it a place)
     _discarded = 0  # bytes of a body dropped after its answer went out through ASGI (a 413 from ``read_body``)
 
     def _arm(self, seconds: float) -> None:
@@ -221,27 +223,51 @@ class HttpProtocol(ResponseWriter):
         self._receive(data)
 
     def _receive(self, data: bytes) -> None:
-        if not (self._between and self.direct is not None and self.pacing.refusing(self.loop) and self._shed(data)):
+        if not (self._between and self.direct is not None and self.pacing.refusing(self.loop) and self._take(data)):
             super().data_received(data)
 
-    def _shed(self, data: bytes) -> bool:
-        """While the port refuses: if ``data`` is one whole plain request (``whole_request``) that the route refuses,
-        answer it as ``on_headers_complete`` would, without the parser; ``False`` leaves ``data`` to the parser."""
+    def _take(self, data: bytes) -> bool:
+        """While the port refuses: if ``data`` is one whole plain request (``whole_request``), decide it from its
+        bytes without the parser. Refused, it is answered as ``on_headers_complete`` would; admitted on the direct
+        route, it runs as ``on_message_complete`` would start it. ``False`` leaves ``data`` to the parser."""
         if self.cycle is not None and not self.cycle.response_complete:
             return False
         request = whole_request(data)
         if request is None:
             return False
-        method, path, query, headers, keep_alive = request
-        scope = {"method": method, "path": path, "query_string": query, "headers": headers, "client": self.client}
-        assert self.direct is not None
-        refusal = self.direct.refuse(scope)
-        if refusal is None:  # admitted: the parser reads it, and ``on_headers_complete`` does not ask again
-            self._admitted = True
+        method, path, query, headers, keep_alive, body = request
+        scope: dict[str, Any] = {
+            "method": method,
+            "path": path,
+            "query_string": query,
+            "headers": headers,
+            "client": self.client,
+        }
+        route = self.direct
+        assert route is not None
+        refusal = route.refuse(scope)
+        if refusal is None and not (route.matches(method, path) and len(body) <= route.limit):
+            self._admitted = True  # the parser reads it, and ``on_headers_complete`` does not ask again
             return False
         self._unset_keepalive_if_required()
         self._disarm()
-        self._refuse(refusal, keep_alive)
+        if refusal is not None:
+            self._refuse(refusal, keep_alive)
+            return True
+        scope.update(  # the rest of uvicorn's scope (``on_message_begin``) and ours
+            type="http",
+            asgi={"version": self.asgi_version, "spec_version": "2.3"},
+            http_version="1.1",
+            server=self.server,
+            scheme=self.scheme,
+            root_path=self.root_path,
+            state=self.app_state.copy(),
+            raw_path=path.encode("latin-1"),
+        )
+        scope[DISCONNECT_HOOKS] = self._hooks
+        exchange = Exchange(keep_alive)
+        self.cycle = exchange  # type: ignore[assignment]
+        self._serve(exchange, route, scope, body)
         return True
 
     def _rest(self, wake: float) -> None:
@@ -304,7 +330,11 @@ class HttpProtocol(ResponseWriter):
             return
         body = exchange.chunks[0] if len(exchange.chunks) == 1 else b"".join(exchange.chunks)
         exchange.chunks = []
-        task = self.loop.create_task(self._run(exchange, self.direct, self.scope, body))  # type: ignore[arg-type]
+        self._serve(exchange, self.direct, self.scope, body)  # type: ignore[arg-type]
+
+    def _serve(self, exchange: Exchange, route: DirectRoute, scope: dict[str, Any], body: bytes) -> None:
+        """Run a whole request on the direct route, as a task that a graceful shutdown waits for (as uvicorn's)."""
+        task = self.loop.create_task(self._run(exchange, route, scope, body))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
