@@ -36,9 +36,8 @@ from servekit.oip import (
     HEADER_LENGTH,
     V2_CONTENT_TYPE,
     InferRequest,
-    flatten,
+    json_tensor,
     loads,
-    make_tensor,
     parse_request,
     to_worker,
     validate,
@@ -88,8 +87,7 @@ def instances_request(model: Model, body: bytes) -> InferRequest:
         shape.append(len(level))
         level = level[0] if level else None
     spec = model.inputs[0] if model.inputs else None
-    tensor = make_tensor(spec.name if spec else "INPUT__0", spec.datatype if spec else "FP32", shape,
-                         values=flatten(instances))  # fmt: skip
+    tensor = json_tensor(spec.name if spec else "INPUT__0", spec.datatype if spec else "FP32", shape, instances)
     return InferRequest(None, (tensor,), (), False, None)
 
 
