@@ -5,6 +5,7 @@ and KServe v1 routes (``servekit.api.v2``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ MODEL_ROUTES = (  # a model's inference routes besides /predictions (whose OPTIO
 logger = logging.getLogger("servekit.inference")
 
 
+@functools.lru_cache(maxsize=4096)  # asked three times per request (matches, refuse, the route), for a few paths
 def inference_target(method: str, path: str) -> tuple[str, str, bool] | None:
     """The model name and version (empty: the default) an inference request is for, and whether it speaks the Open
     Inference Protocol or KServe v1 (whose errors are ``{"error": ...}``); ``None`` for any other request."""
