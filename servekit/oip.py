@@ -1,9 +1,12 @@
 """The Open Inference Protocol (KServe v2) codec: tensors as JSON or in the binary tensor extension.
 
-The front end parses and validates a request (``parse_request``, ``validate``) before anything is queued, and hands
-the worker one self-describing blob (``to_worker``): a JSON header and the raw little-endian tensor bytes, so
-binary payloads are never re-encoded as JSON. The worker turns that into torch tensors and writes the HTTP response
-body itself (``servekit.oip_tensor``, the codec's other half). Standard library and orjson only; never imports torch.
+A request reaches the worker in one of two fields. An HTTP body (v2 ``infer`` or KServe v1 ``:predict``) travels as
+the client sent it (``BODY_FIELD``, ``body_value``), and the worker parses and checks it (``worker_payload``: a bad
+one is answered 400 there, alone): the front end, a fast model's bottleneck, spends no time on the tensors. gRPC's
+requests, parsed by protobuf in the front end, travel as one self-describing blob (``V2_FIELD``, ``to_worker``): a
+JSON header and the raw little-endian tensor bytes, so binary payloads are never re-encoded as JSON. The worker
+turns that into torch tensors and writes the response body itself (``servekit.oip_tensor``, the codec's other half).
+Standard library and orjson only; never imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import orjson
 
 from servekit.errors import BadRequestError
 
-V2_CONTENT_TYPE = "application/x-servekit-v2"  # how a v2 request travels to the worker (field "v2")
+V2_CONTENT_TYPE = "application/x-servekit-v2"  # how a v2 request travels to the worker (either field)
+V2_FIELD = "v2"  # a request parsed and checked (``to_worker``)
+BODY_FIELD = "v2 body"  # an HTTP body as the client sent it, parsed and checked in the worker (``body_value``)
 HEADER_LENGTH = "inference-header-content-length"
 MAX_ELEMENTS = 2**40
 
@@ -73,7 +78,7 @@ def specs_from_config(config: dict[str, Any], key: str) -> tuple[TensorSpec, ...
 
 
 # Tensor and InferRequest are made for every v2 request and never changed after: not frozen, whose __init__ costs
-# half a microsecond more each on the front end's hot path (benchmarks/RESULTS.md, ninth session).
+# half a microsecond more each (benchmarks/RESULTS.md, ninth session).
 @dataclass(slots=True)
 class Tensor:
     name: str
@@ -237,8 +242,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequestError("'parameters' must be an object")
-    timeout = params.get("timeout")
-    timeout_s = timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None
+    timeout_s = _timeout_s(params)
     request_id = header.get("id")
     return InferRequest(
         None if request_id is None else str(request_id),
@@ -247,6 +251,65 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         bool(params.get("binary_data_output", False)),
         timeout_s,
     )
+
+
+def _timeout_s(params: dict[str, Any]) -> float | None:
+    """The reserved ``timeout`` parameter (microseconds) as a queueing deadline in seconds, if valid."""
+    timeout = params.get("timeout")
+    return timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None
+
+
+def timeout_of(body: bytes, header_length: int | None) -> float | None:
+    """The front end's one look into a v2 body it does not parse: the ``timeout`` parameter, read only when the
+    JSON names it; ``None`` for a body that is not what ``parse_request`` takes (the worker answers that 400)."""
+    head = body if header_length is None else body[:header_length]
+    if b'"timeout"' not in head:
+        return None
+    try:
+        document = loads(head)
+    except (ValueError, RecursionError):
+        return None
+    params = document.get("parameters") if isinstance(document, dict) else None
+    return _timeout_s(params) if isinstance(params, dict) else None
+
+
+def instances_request(spec: TensorSpec | None, body: bytes) -> InferRequest:
+    """A KServe v1 ``{"instances": [...]}`` body as a v2 request on the model's first input (``spec``, if declared)."""
+    try:
+        document = loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequestError(f"Invalid JSON: {str(exc)[:200]}") from None
+    instances = document.get("instances") if isinstance(document, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise BadRequestError("The request needs a non-empty 'instances' list")
+    shape: list[int] = []
+    level: Any = instances
+    while isinstance(level, list):
+        shape.append(len(level))
+        level = level[0] if level else None
+    tensor = json_tensor(spec.name if spec else "INPUT__0", spec.datatype if spec else "FP32", shape, instances)
+    return InferRequest(None, (tensor,), (), False, None)
+
+
+def body_value(body: bytes, header_length: int | None, model: tuple[str, str], predictions: bool) -> bytes:
+    """A ``BODY_FIELD``'s value: the model's name and version, the body's JSON length (``None``: all of it) and
+    whether it is KServe v1's ``instances``, then the body."""
+    head = orjson.dumps([*model, header_length, predictions])
+    return b"".join((struct.pack(">I", len(head)), head, body))
+
+
+def worker_payload(value: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bytes:
+    """The worker's side of ``body_value``: the body parsed and checked against the model's metadata, as
+    ``to_worker`` would have sent it; ``BadRequestError`` naming what is wrong."""
+    (size,) = struct.unpack_from(">I", value)
+    name, version, header_length, predictions = orjson.loads(value[4 : 4 + size])
+    body = value[4 + size :]
+    if predictions:
+        request = instances_request(inputs[0] if inputs else None, body)
+    else:
+        request = parse_request(body, header_length)
+    validate(request, inputs, outputs)
+    return to_worker(request, name, version, predictions)
 
 
 def validate(request: InferRequest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:

@@ -16,9 +16,16 @@ import logging
 from typing import Any
 
 from servekit import oip, oip_tensor, protocol
+from servekit.errors import BadRequestError
 from servekit.handler import Context
 
 logger = logging.getLogger("servekit.tensors")
+
+
+def bad_request(message: str) -> protocol.Response:
+    """A body that is not a valid request: 400 with ``{"error": message}``, as the front end answers its own."""
+    body = json.dumps({"error": message}, ensure_ascii=False, separators=(",", ":")).encode()
+    return protocol.Response(400, "application/json", body, reason="Bad Request")
 
 
 def v2_error(status: int, message: str) -> protocol.Response:
@@ -30,15 +37,27 @@ class TensorRunner:
         self.handler = handler
         self.context = context
         config = context.model_yaml_config
-        self.input_names = [spec.name for spec in oip.specs_from_config(config, "inputs")]
-        self.output_names = [spec.name for spec in oip.specs_from_config(config, "outputs")]
+        self.inputs = oip.specs_from_config(config, "inputs")
+        self.outputs = oip.specs_from_config(config, "outputs")
+        self.input_names = [spec.name for spec in self.inputs]
+        self.output_names = [spec.name for spec in self.outputs]
 
     def answer(self, requests: list[protocol.Request]) -> list[protocol.Response]:
-        decoded = [oip_tensor.from_worker_payload(r.fields[0].value) for r in requests]
-        groups: dict[Any, list[int]] = {}
-        for i, (_, inputs) in enumerate(decoded):
-            groups.setdefault(self._signature(inputs, i), []).append(i)
+        """Each request's answer; one whose body is not a valid request for this model is answered 400, alone."""
         answers: dict[int, protocol.Response] = {}
+        decoded: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for i, request in enumerate(requests):
+            field = request.fields[0]
+            try:
+                payload = field.value
+                if field.name == oip.BODY_FIELD:
+                    payload = oip.worker_payload(payload, self.inputs, self.outputs)
+                decoded[i] = oip_tensor.from_worker_payload(payload)
+            except BadRequestError as exc:
+                answers[i] = bad_request(exc.message)
+        groups: dict[Any, list[int]] = {}
+        for i, (_, inputs) in decoded.items():
+            groups.setdefault(self._signature(inputs, i), []).append(i)
         for members in groups.values():
             for i, response in zip(members, self._run_group([decoded[i] for i in members]), strict=True):
                 answers[i] = response

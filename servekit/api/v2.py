@@ -32,16 +32,7 @@ from servekit.api.response import new_request_id
 from servekit.errors import BadRequestError, ServekitError
 from servekit.handler import SERVER_VERSION
 from servekit.model import Model
-from servekit.oip import (
-    HEADER_LENGTH,
-    V2_CONTENT_TYPE,
-    InferRequest,
-    json_tensor,
-    loads,
-    parse_request,
-    to_worker,
-    validate,
-)
+from servekit.oip import BODY_FIELD, HEADER_LENGTH, V2_CONTENT_TYPE, body_value, timeout_of
 from servekit.protocol import Field
 from servekit.registry import ModelRegistry
 
@@ -70,25 +61,6 @@ def metadata(model: Model, versions: list[str]) -> dict[str, Any]:
         "inputs": [spec.to_json() for spec in model.inputs],
         "outputs": [spec.to_json() for spec in model.outputs],
     }
-
-
-def instances_request(model: Model, body: bytes) -> InferRequest:
-    """A KServe v1 ``{"instances": [...]}`` body as a v2 request on the model's first input."""
-    try:
-        document = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequestError(f"Invalid JSON: {str(exc)[:200]}") from None
-    instances = document.get("instances") if isinstance(document, dict) else None
-    if not isinstance(instances, list) or not instances:
-        raise BadRequestError("The request needs a non-empty 'instances' list")
-    shape: list[int] = []
-    level: Any = instances
-    while isinstance(level, list):
-        shape.append(len(level))
-        level = level[0] if level else None
-    spec = model.inputs[0] if model.inputs else None
-    tensor = json_tensor(spec.name if spec else "INPUT__0", spec.datatype if spec else "FP32", shape, instances)
-    return InferRequest(None, (tensor,), (), False, None)
 
 
 def create_v2_router(registry: ModelRegistry) -> APIRouter:
@@ -216,18 +188,20 @@ async def infer_tensors(
     version: str | None,
     body: Callable[[], Awaitable[bytes]],
 ) -> Response:
-    """``POST /v2/models/{m}[/versions/{v}]/infer`` without an envelope: the tensors are parsed and checked against
-    the model's metadata, then queued; ``body`` reads the body once the model is known. Served by the HTTP protocol
-    directly (``servekit.api.inference.Predictions``), or by the route above for the requests it leaves to ASGI."""
+    """``POST /v2/models/{m}[/versions/{v}]/infer`` without an envelope: the body is queued as the client sent it,
+    and the worker parses it and checks it against the model's metadata (``servekit.oip.worker_payload``); ``body``
+    reads it once the model is known. Served by the HTTP protocol directly (``servekit.api.inference.Predictions``),
+    or by the route above for the requests it leaves to ASGI."""
     try:
         model = registry.get(name, version or None)
     except ServekitError as exc:
         return v2_error(exc, {"x-request-id": new_request_id()})  # as every answer has
 
     async def read() -> tuple[tuple[Field, ...], float | None]:
-        parsed = parse_request(await body(), header_length(headers))
-        validate(parsed, model.inputs, model.outputs)
-        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version)),), parsed.timeout_s
+        length = header_length(headers)
+        raw = await body()
+        value = body_value(raw, length, (model.name, model.version), predictions=False)
+        return (Field(BODY_FIELD, V2_CONTENT_TYPE, value),), timeout_of(raw, length)
 
     return await run_request(model, scope, headers, read, version or "default", v2_error)
 
@@ -243,8 +217,7 @@ async def predict_instances(
         return v2_error(exc, {"x-request-id": new_request_id()})  # as every answer has
 
     async def read() -> tuple[tuple[Field, ...], float | None]:
-        parsed = instances_request(model, await body())
-        validate(parsed, model.inputs, model.outputs)
-        return (Field("v2", V2_CONTENT_TYPE, to_worker(parsed, model.name, model.version, predictions=True)),), None
+        value = body_value(await body(), None, (model.name, model.version), predictions=True)
+        return (Field(BODY_FIELD, V2_CONTENT_TYPE, value),), None
 
     return await run_request(model, scope, headers, read, "default", v2_error)

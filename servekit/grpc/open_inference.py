@@ -27,6 +27,7 @@ from servekit.handler import SERVER_VERSION
 from servekit.oip import (
     HEADER_LENGTH,
     V2_CONTENT_TYPE,
+    V2_FIELD,
     InferRequest,
     Tensor,
     make_tensor,
@@ -87,7 +88,7 @@ class OpenInference:
             validate(parsed, model.inputs, model.outputs)
             budgets = [b for b in (parsed.timeout_s, context.time_remaining()) if b is not None]
             worker_request = to_worker(parsed, model.name, model.version)
-            return (Field("v2", V2_CONTENT_TYPE, worker_request),), min(budgets, default=None)
+            return (Field(V2_FIELD, V2_CONTENT_TYPE, worker_request),), min(budgets, default=None)
 
         answer = await submit(model, new_request_id(), read, {}, request.model_version or "default")
         if answer.status >= 400:
