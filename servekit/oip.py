@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) codec: tensors as JSON or in the binary tensor extension.
 
 A request reaches the worker in one of two fields. An HTTP body (v2 ``infer`` or KServe v1 ``:predict``) travels as
-the client sent it (``BODY_FIELD``, ``body_value``), and the worker parses and checks it (``worker_payload``: a bad
+the client sent it (``BODY_FIELD``, ``body_value``), and the worker parses and checks it (``worker_request``: a bad
 one is answered 400 there, alone): the front end, a fast model's bottleneck, spends no time on the tensors. gRPC's
 requests, parsed by protobuf in the front end, travel as one self-describing blob (``V2_FIELD``, ``to_worker``): a
 JSON header and the raw little-endian tensor bytes, so binary payloads are never re-encoded as JSON. The worker
@@ -298,9 +298,13 @@ def body_value(body: bytes, header_length: int | None, model: tuple[str, str], p
     return b"".join((struct.pack(">I", len(head)), head, body))
 
 
-def worker_payload(value: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bytes:
-    """The worker's side of ``body_value``: the body parsed and checked against the model's metadata, as
-    ``to_worker`` would have sent it; ``BadRequestError`` naming what is wrong."""
+WorkerRequest = tuple[dict[str, Any], dict[str, tuple[str, list[int], bytes]]]
+
+
+def worker_request(value: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> WorkerRequest:
+    """The worker's side of ``body_value``: the body parsed and checked against the model's metadata, in the form
+    ``servekit.oip_tensor.from_worker_payload`` reads from ``to_worker``'s blob (its header, and its inputs by name);
+    ``BadRequestError`` naming what is wrong."""
     (size,) = struct.unpack_from(">I", value)
     name, version, header_length, predictions = orjson.loads(value[4 : 4 + size])
     body = value[4 + size :]
@@ -309,7 +313,8 @@ def worker_payload(value: bytes, inputs: Sequence[TensorSpec], outputs: Sequence
     else:
         request = parse_request(body, header_length)
     validate(request, inputs, outputs)
-    return to_worker(request, name, version, predictions)
+    header = worker_header(request, name, version, predictions)
+    return header, {t.name: (t.datatype, list(t.shape), t.data) for t in request.inputs}
 
 
 def validate(request: InferRequest, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
@@ -339,8 +344,14 @@ def validate(request: InferRequest, inputs: Sequence[TensorSpec], outputs: Seque
 
 
 def to_worker(request: InferRequest, model_name: str, model_version: str, predictions: bool = False) -> bytes:
-    """The request as the worker receives it: ``>I`` header length, JSON header, tensor bytes. With ``predictions``
-    the worker answers KServe v1's ``{"predictions": ...}`` instead of a v2 response (``Outputs.response``)."""
+    """The request as the worker receives it: ``>I`` header length, JSON header (``worker_header``), tensor bytes."""
+    head = orjson.dumps(worker_header(request, model_name, model_version, predictions))
+    return b"".join([struct.pack(">I", len(head)), head, *(t.data for t in request.inputs)])
+
+
+def worker_header(request: InferRequest, model_name: str, model_version: str, predictions: bool) -> dict[str, Any]:
+    """What the worker needs of a request besides its tensors. With ``predictions`` the worker answers KServe v1's
+    ``{"predictions": ...}`` instead of a v2 response (``Outputs.response``)."""
     header = {
         "id": request.id,
         "model_name": model_name,
@@ -351,8 +362,7 @@ def to_worker(request: InferRequest, model_name: str, model_version: str, predic
     }
     if predictions:
         header["predictions"] = True
-    head = orjson.dumps(header)
-    return b"".join([struct.pack(">I", len(head)), head, *(t.data for t in request.inputs)])
+    return header
 
 
 def split_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], list[bytes | None]]:

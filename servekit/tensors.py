@@ -49,10 +49,10 @@ class TensorRunner:
         for i, request in enumerate(requests):
             field = request.fields[0]
             try:
-                payload = field.value
                 if field.name == oip.BODY_FIELD:
-                    payload = oip.worker_payload(payload, self.inputs, self.outputs)
-                decoded[i] = oip_tensor.from_worker_payload(payload)
+                    decoded[i] = oip.worker_request(field.value, self.inputs, self.outputs)
+                else:
+                    decoded[i] = oip_tensor.from_worker_payload(field.value)
             except BadRequestError as exc:
                 answers[i] = bad_request(exc.message)
         groups: dict[Any, list[int]] = {}

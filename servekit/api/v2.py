@@ -189,7 +189,7 @@ async def infer_tensors(
     body: Callable[[], Awaitable[bytes]],
 ) -> Response:
     """``POST /v2/models/{m}[/versions/{v}]/infer`` without an envelope: the body is queued as the client sent it,
-    and the worker parses it and checks it against the model's metadata (``servekit.oip.worker_payload``); ``body``
+    and the worker parses it and checks it against the model's metadata (``servekit.oip.worker_request``); ``body``
     reads it once the model is known. Served by the HTTP protocol directly (``servekit.api.inference.Predictions``),
     or by the route above for the requests it leaves to ASGI."""
     try:
