@@ -4,7 +4,9 @@ iteration over the requests in flight, as TorchServe 0.12 runs it.
 The front end (``servekit.continuous_batcher``) sends requests as soon as the worker has room for them (``batch``
 frames; never more than ``batch_size`` in flight) and the ids of requests whose clients went away (``drop``). Between
 two iterations the worker reads what has arrived, without waiting while it has requests to run; arrivals join the
-batch at the next iteration, dropped requests leave it. Each iteration is answered with one ``protocol.Step``.
+batch at the next iteration, dropped requests leave it. Each iteration is answered with one ``protocol.Step``; while
+other requests run, the first chunks of those joining go ahead of it in a step of their own, made before the others'
+(a client waits for its first token; the others only for their next).
 
 The handler's side, TorchServe's contract:
 
@@ -173,39 +175,43 @@ class IterationLoop:
     def _iterate(self) -> None:
         streams = list(self.batch)
         start = time.perf_counter()
-        outcome = self._call(streams)
-        handler_ms = (time.perf_counter() - start) * 1000
-        if isinstance(outcome, protocol.Failure):
-            self._failed(streams, outcome)
-        else:
-            self.worker.context.metrics.add_time("PredictionTime", round(handler_ms, 2))
-            # first chunks first: a client waits for its first token, the time the front end takes for the others
-            for stream, response, last in sorted(outcome, key=lambda answered: answered[0].joined):
-                stream.joined, stream.row = True, {}
-                self.outbox.append((stream.id, response, last))
-                if last:
-                    self.batch.remove(stream)
-        self._send(iteration=True, handler_ms=handler_ms)
-
-    def _call(self, streams: list[Stream]) -> list[tuple[Stream, protocol.Response, bool]] | protocol.Failure:
-        """One iteration: the handler on ``streams``, then whether each is finished (TorchServe's rule)."""
         self.current = streams
-        requests = [s.request for s in streams]
-        results = self.worker.invoke(requests, [s.row for s in streams], list(range(len(streams))))
+        results = self.worker.invoke([s.request for s in streams], [s.row for s in streams], list(range(len(streams))))
         if isinstance(results, protocol.Failure):
-            return results
-        answered = []
-        for i, (stream, value) in enumerate(zip(streams, results, strict=True)):
-            try:
-                finished = self._finished(i, value)
-            except Exception as exc:  # the handler's stopping criteria failed: its request fails, alone
-                message = f"stopping_criteria[{i}] failed: {type(exc).__name__}: {exc}"
-                body = error_body(500, "HandlerError", message)
-                answered.append((stream, protocol.Response(500, "application/json", body), True))
-                continue
-            response = self.worker.response(i, value)
-            answered.append((stream, response, finished or response.status >= 400))
-        return answered
+            self._failed(streams, results)
+            self._send(iteration=True, handler_ms=(time.perf_counter() - start) * 1000, size=len(streams))
+            return
+        # first tokens first: a client waits for its first token, the others only for their next one; the chunks of
+        # the requests joining are made, and sent in a step of their own when others follow, before the others'
+        answered = list(enumerate(zip(streams, results, strict=True)))
+        joining = [item for item in answered if not item[1][0].joined]
+        running = [item for item in answered if item[1][0].joined]
+        self._take(joining)
+        if joining and running:
+            self._send_first()
+        self._take(running)
+        handler_ms = (time.perf_counter() - start) * 1000
+        self.worker.context.metrics.add_time("PredictionTime", round(handler_ms, 2))
+        self._send(iteration=True, handler_ms=handler_ms, size=len(streams))
+
+    def _take(self, answered: list[tuple[int, tuple[Stream, Any]]]) -> None:
+        """Into the outbox: the chunk of each request ``(i, (stream, value))`` of the iteration; finished ones leave."""
+        for i, (stream, value) in answered:
+            stream.joined, stream.row = True, {}
+            response, last = self._answer(i, value)
+            self.outbox.append((stream.id, response, last))
+            if last:
+                self.batch.remove(stream)
+
+    def _answer(self, idx: int, value: Any) -> tuple[protocol.Response, bool]:
+        """Request ``idx``'s chunk of this iteration, and whether it is its last (TorchServe's rule, ``_finished``)."""
+        try:
+            finished = self._finished(idx, value)
+        except Exception as exc:  # the handler's stopping criteria failed: its request fails, alone
+            message = f"stopping_criteria[{idx}] failed: {type(exc).__name__}: {exc}"
+            return protocol.Response(500, "application/json", error_body(500, "HandlerError", message)), True
+        response = self.worker.response(idx, value)
+        return response, finished or response.status >= 400
 
     def _finished(self, idx: int, value: Any) -> bool:
         """TorchServe's ``create_predict_response``: the stopping criterion, when the handler set them, says
@@ -249,8 +255,13 @@ class IterationLoop:
         if sent:
             protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(sent, iteration=False)))
 
-    def _send(self, iteration: bool, handler_ms: float = 0.0) -> None:
+    def _send_first(self) -> None:
+        """The chunks made so far, ahead of the iteration's step: first tokens do not wait for the others' chunks."""
+        protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(tuple(self.outbox), iteration=False)))
+        self.outbox = []
+
+    def _send(self, iteration: bool, handler_ms: float = 0.0, size: int = 0) -> None:
         records = tuple(protocol.MetricRecord(*record) for record in self.worker.context.metrics.take())
-        step = protocol.Step(tuple(self.outbox), tuple(self.dropped), iteration, handler_ms, records)
+        step = protocol.Step(tuple(self.outbox), tuple(self.dropped), iteration, handler_ms, records, size)
         self.outbox, self.dropped = [], []
         protocol.send_frame(self.sock, protocol.encode_step(step))

@@ -247,7 +247,7 @@ class ContinuousBatcher(Batcher[W]):
     def _deliver(self, lane: Lane[W], step: Step) -> None:
         if step.iteration:
             now = time.perf_counter()
-            self._observer.batch(len(step.chunks), step.handler_ms, (now - lane.last_step) * 1000, step.metrics)
+            self._observer.batch(step.size, step.handler_ms, (now - lane.last_step) * 1000, step.metrics)
             lane.last_step = now
         for request_id, response, last in step.chunks:
             pending = lane.running.get(request_id)

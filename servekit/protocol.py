@@ -249,13 +249,15 @@ class Step:
     """What a worker under continuous batching (``servekit.continuous``) sends: a chunk of the answer of some of its
     requests, by request id, each saying whether it is that request's last (its answer is then complete, or an error
     when its status is 400 or more); the ids of requests it dropped as asked (``encode_drop``); whether the frame ends
-    an iteration (else it carries chunks sent from inside one), with the iteration's handler time and metrics."""
+    an iteration (else it carries chunks sent ahead of that: the first chunks of the requests joining it, or chunks
+    sent from inside the call), with the iteration's size (the requests it ran), handler time and metrics."""
 
     chunks: tuple[tuple[str, Response, bool], ...]
     dropped: tuple[str, ...] = ()
     iteration: bool = True
     handler_ms: float = 0.0
     metrics: tuple[MetricRecord, ...] = ()
+    size: int = 0
 
 
 def encode_drop(request_ids: Sequence[str]) -> list[bytes | bytearray | memoryview]:
@@ -273,6 +275,7 @@ def encode_step(step: Step) -> list[bytes | bytearray | memoryview]:
         "iteration": step.iteration,
         "handler_ms": step.handler_ms,
         "metrics": [[m.name, m.value, m.unit, m.kind, [list(d) for d in m.dimensions]] for m in step.metrics],
+        "size": step.size,
     }
     return encode(header, [r.payload for _, r, _ in step.chunks])
 
@@ -292,9 +295,13 @@ def decode_step(header: dict[str, Any], parts: list[memoryview], running: Contai
     handler_ms = header.get("handler_ms", 0.0)
     if not isinstance(handler_ms, int | float) or not 0 <= handler_ms < 1e12:
         raise ProtocolError("handler_ms must be a non-negative number")
+    size = header.get("size", 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError("size must be a non-negative integer")
     chunks = tuple((item[0], response, item[5]) for item, response in zip(meta, responses, strict=True))
     iteration = header.get("iteration") is not False
-    return Step(chunks, tuple(dropped), iteration, float(handler_ms), _decode_metrics(header.get("metrics", [])))
+    metrics = _decode_metrics(header.get("metrics", []))
+    return Step(chunks, tuple(dropped), iteration, float(handler_ms), metrics, size)
 
 
 def decode_responses(header: dict[str, Any], parts: list[memoryview], expected: int) -> list[Response]:

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -97,11 +98,13 @@ class Driver:
         return protocol.decode_step(header, parts, Anything())
 
     def iteration(self) -> protocol.Step:
-        """Tick, then the step of that iteration (after the chunks it sent from inside it)."""
+        """Tick, then the step of that iteration, with the chunks that came ahead of it: the first chunks of the
+        requests that joined it, in a step of their own while others run (and any sent from inside the call)."""
         self.tick()
+        ahead: tuple[tuple[str, protocol.Response, bool], ...] = ()
         while not (step := self.step()).iteration:
-            pass
-        return step
+            ahead += step.chunks
+        return replace(step, chunks=ahead + step.chunks)
 
 
 def texts(step: protocol.Step) -> dict[str, tuple[int, str, bool]]:
@@ -165,6 +168,22 @@ def test_a_request_joins_at_the_next_iteration_and_leaves_when_done(driver: Driv
     while driver.iteration().chunks[0][2] is False:
         pass
     assert len(driver.handler.calls[-1]) == 1  # the long one ended alone
+
+
+def test_the_first_chunks_of_requests_joining_go_out_before_the_others(driver: Driver) -> None:
+    driver.send({"name": "a", "n": 5}, {"name": "b", "n": 5})
+    driver.tick()
+    assert (step := driver.step()).iteration and texts(step) == {"a": (200, "a:4", False), "b": (200, "b:4", False)}
+    driver.send({"name": "c", "n": 2}, {"name": "d", "n": 1})
+    driver.tick()  # the iteration a and b run when c and d arrive: they join the next one
+    assert texts(driver.step()) == {"a": (200, "a:3", False), "b": (200, "b:3", False)}
+    driver.tick()
+    # a client waits for its first token, the others only for their next: c's and d's chunks come first, alone
+    first, rest = driver.step(), driver.step()
+    assert (first.iteration, texts(first)) == (False, {"c": (200, "c:1", False), "d": (200, "d:0", True)})
+    assert (rest.iteration, texts(rest)) == (True, {"a": (200, "a:2", False), "b": (200, "b:2", False)})
+    assert [rid for rid, _ in driver.handler.calls[-1]] == ["a", "b", "c", "d"]  # one call: the handler's order kept
+    assert texts(driver.iteration()) == {"a": (200, "a:1", False), "b": (200, "b:1", False), "c": (200, "c:0", True)}
 
 
 def test_a_dropped_request_leaves_at_the_next_iteration(driver: Driver) -> None:

@@ -128,6 +128,15 @@ def inference(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield ts["inference_pb2_grpc"].InferenceAPIsServiceStub(channel), ts["inference_pb2"]
 
 
+def batch_sizes(server: Server) -> tuple[float, float]:
+    """The requests and the iterations that model ``gen`` has run so far, from its ``servekit_batch_size``."""
+    text = httpx.get(f"{server.metrics}/metrics").text
+    samples = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if 'model_name="gen"' in line
+    }
+    return samples["servekit_batch_size_sum"], samples["servekit_batch_size_count"]
+
+
 def tokens(text: str | bytes) -> list[int]:
     return [int(t) for t in text.split()]
 
@@ -205,9 +214,14 @@ def test_chunks_stream_and_requests_join_and_leave_a_running_batch(
     long = Stream(server, {"prompt": "a long answer", "max_new_tokens": 40, "pause_at": 3, "gate": str(gate)})
     try:
         assert long.read(3) == reference("a long answer", 40)[:3]  # out before the last exists (the gate is shut)
+        before = batch_sizes(server)
         short = server.post("/predictions/gen", json={"prompt": "short", "max_new_tokens": 6})  # joins, ends
         assert tokens(short.text) == reference("short", 6)
         assert long.id in probe(server)["ids"]  # the long one is still in the batch: a new request joined it
+        # every iteration since ran the long one, and the short one ran 6, the probe 1: the requests of an iteration
+        # are counted once each, the joining ones too (their first chunks go out ahead of the iteration's step)
+        (total, iterations), (total_before, iterations_before) = batch_sizes(server), before
+        assert (total - total_before) - (iterations - iterations_before) == 7
         gate.touch()
         assert long.rest() == reference("a long answer", 40)
     finally:

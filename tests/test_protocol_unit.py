@@ -101,7 +101,7 @@ def decode_anything(body: bytes) -> None:
         protocol.decode_result(header, parts, len(parts))
 
 
-STEP = Step((("a", RESPONSES[0], False), ("b", RESPONSES[1], True)), ("c",), True, 2.5)
+STEP = Step((("a", RESPONSES[0], False), ("b", RESPONSES[1], True)), ("c",), True, 2.5, size=3)
 
 
 def test_protocol_fuzz_malformed_frames_only_ever_raise_protocol_error() -> None:
@@ -169,6 +169,8 @@ def test_protocol_step_round_trips_and_names_only_running_requests() -> None:
     assert protocol.decode_step(header, parts, {"a", "b", "c"}) == STEP
     with pytest.raises(ProtocolError, match="not running"):
         protocol.decode_step(header, parts, {"a", "b"})
+    with pytest.raises(ProtocolError, match="size"):
+        protocol.decode_step({**header, "size": -1}, parts, {"a", "b", "c"})
 
 
 async def receive(stream: bytes, eof: bool = True, response_timeout: float = 60) -> BatchResult:
