@@ -122,15 +122,16 @@ class ResponseWriter(HttpToolsProtocol):
         connection without the last chunk, so the client sees the response was cut short."""
         headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
         chunked = [*headers, (b"transfer-encoding", b"chunked")]
-        if not self._write_head(exchange, response.status_code, chunked, reason=reason_of(response)):
-            return
+        chunks = aiter(response.body_iterator)
         try:
-            async for chunk in response.body_iterator:
+            first = _chunk(await anext(chunks, b""))  # at hand (``servekit.api.dispatch``): one write with the head
+            if not self._write_head(exchange, response.status_code, chunked, first, reason=reason_of(response)):
+                return
+            async for chunk in chunks:
                 if self.transport.is_closing():
                     return  # the client went away: the rest of the stream is dropped
-                data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
-                if data:
-                    self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+                if data := _chunk(chunk):
+                    self.transport.write(data)
                     if self.flow.write_paused:
                         await self.flow.drain()
         except Exception as exc:
@@ -186,6 +187,12 @@ class ResponseWriter(HttpToolsProtocol):
         if not exchange.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+def _chunk(chunk: bytes | str | memoryview) -> bytes:
+    """One chunk of a chunked body, framed; ``b""`` for an empty one (it would end the body)."""
+    data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
 
 
 def reason_of(response: Response) -> str | None:
