@@ -42,7 +42,7 @@ class LoadCommand:
     envelope: str | None = None  # TorchServe's request envelope around the handler (servekit.envelope)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Field:
     """One input of a request: the whole body (name ``body``) or one form field."""
 
@@ -51,14 +51,14 @@ class Field:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     request_id: str
     headers: dict[str, str]
     fields: tuple[Field, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     """One request's answer from the handler."""
 
