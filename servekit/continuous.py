@@ -183,20 +183,21 @@ class IterationLoop:
             return
         # first tokens first: a client waits for its first token, the others only for their next one; the chunks of
         # the requests joining are made, and sent in a step of their own when others follow, before the others'
-        answered = list(enumerate(zip(streams, results, strict=True)))
-        joining = [item for item in answered if not item[1][0].joined]
-        running = [item for item in answered if item[1][0].joined]
+        answered = [(i, stream, value) for i, (stream, value) in enumerate(zip(streams, results, strict=True))]
+        joining = [item for item in answered if not item[1].joined]
+        running = [item for item in answered if item[1].joined]
         self._take(joining)
         if joining and running:
-            self._send_first()
+            self._send_ahead(tuple(self.outbox))
+            self.outbox = []
         self._take(running)
         handler_ms = (time.perf_counter() - start) * 1000
         self.worker.context.metrics.add_time("PredictionTime", round(handler_ms, 2))
         self._send(iteration=True, handler_ms=handler_ms, size=len(streams))
 
-    def _take(self, answered: list[tuple[int, tuple[Stream, Any]]]) -> None:
-        """Into the outbox: the chunk of each request ``(i, (stream, value))`` of the iteration; finished ones leave."""
-        for i, (stream, value) in answered:
+    def _take(self, answered: list[tuple[int, Stream, Any]]) -> None:
+        """Into the outbox: the chunk of each request ``(i, stream, value)`` of the iteration; finished ones leave."""
+        for i, stream, value in answered:
             stream.joined, stream.row = True, {}
             response, last = self._answer(i, value)
             self.outbox.append((stream.id, response, last))
@@ -253,12 +254,11 @@ class IterationLoop:
             if response.payload or response.status >= 400
         )
         if sent:
-            protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(sent, iteration=False)))
+            self._send_ahead(sent)
 
-    def _send_first(self) -> None:
-        """The chunks made so far, ahead of the iteration's step: first tokens do not wait for the others' chunks."""
-        protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(tuple(self.outbox), iteration=False)))
-        self.outbox = []
+    def _send_ahead(self, chunks: tuple[Chunk, ...]) -> None:
+        """Chunks ahead of the iteration's step (sent from inside the call, or first tokens made before the others)."""
+        protocol.send_frame(self.sock, protocol.encode_step(protocol.Step(chunks, iteration=False)))
 
     def _send(self, iteration: bool, handler_ms: float = 0.0, size: int = 0) -> None:
         records = tuple(protocol.MetricRecord(*record) for record in self.worker.context.metrics.take())
