@@ -78,9 +78,12 @@ def encode_value(value: Any) -> tuple[bytes, str | None]:
 Partial = Callable[[list[tuple[int, protocol.Response]]], None]
 
 
+PLAIN = frozenset({str, bytes, bytearray, dict, list})  # the usual answers, none of them an iterator
+
+
 def is_stream(value: Any) -> bool:
     """A handler's answer that is streamed: an iterator (a generator), whose items are sent as chunks."""
-    return isinstance(value, Iterator)
+    return type(value) not in PLAIN and isinstance(value, Iterator)
 
 
 class Worker:

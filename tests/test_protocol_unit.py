@@ -138,22 +138,26 @@ def test_protocol_fuzz_malformed_frames_only_ever_raise_protocol_error() -> None
 
 
 def test_protocol_send_and_receive_whole_frames_over_a_socket() -> None:
-    """``send_frame``/``recv_frame`` carry a frame of many parts, larger than the socket buffer, and ``None`` marks
-    the peer's close between frames; a close inside a frame is a ``ProtocolError``."""
+    """``send_frame``/``recv_frame`` carry a frame of many small parts (sent as one buffer) and one of many parts,
+    larger than the socket buffer, and ``None`` marks the peer's close between frames; a close inside a frame is a
+    ``ProtocolError``."""
     left, right = socket.socketpair()
+    small = [Request(str(i), {}, (Field("body", None, b"%d\n" % i),)) for i in range(300)]
     big = [Request(str(i), {}, (Field("body", None, bytes([i % 256]) * 50_000),)) for i in range(40)]
 
     def send() -> None:
+        protocol.send_frame(left, protocol.encode_batch(small))
         protocol.send_frame(left, protocol.encode_batch(big))
         left.close()
 
     sender = threading.Thread(target=send)
     sender.start()
-    body = protocol.recv_frame(right)
+    for batch in (small, big):
+        body = protocol.recv_frame(right)
+        assert body is not None
+        header, parts = protocol.decode(body)
+        assert protocol.decode_batch(header, parts) == batch
     sender.join(timeout=30)
-    assert body is not None
-    header, parts = protocol.decode(body)
-    assert protocol.decode_batch(header, parts) == big
     assert protocol.recv_frame(right) is None
     right.close()
     left, right = socket.socketpair()

@@ -3,10 +3,11 @@ benchmark): byte tokens (a vocabulary of 256), learned positions, pre-norm block
 sliding window of the last ``WINDOW`` positions and an MLP, greedy decoding with a KV cache.
 
 One ``TinyDecoder.step`` runs a ragged batch, as continuous batching wants it: one token for each sequence that is
-decoding, and the whole prompt of each sequence that joins (its prefill), through the same layers in one pass. The
-``Cache`` holds the keys and values of the window of up to ``slots`` sequences, in ring buffers. The sequences
-decoding occupy its first slots (one that leaves is replaced by the last, ``Cache.move``), so that a step reads their
-cache in place. The model computes in float64, so that a sequence decoded in a batch gets the tokens it gets alone.
+decoding, and the whole prompt of each sequence that joins (its prefill), through the same layers in one pass (the
+last layer goes on with each sequence's last token alone). The ``Cache`` holds the keys and values of the window of
+up to ``slots`` sequences, in ring buffers. The sequences decoding occupy its first slots (one that leaves is
+replaced by the last, ``Cache.move``), so that a step reads their cache in place. The model computes in float64, so
+that a sequence decoded in a batch gets the tokens it gets alone.
 """
 
 import torch
@@ -22,19 +23,19 @@ POSITIONS = 256  # a prompt and the tokens generated after it fit in these
 
 class Cache:
     """Keys and values of the last ``WINDOW`` positions of up to ``slots`` sequences: per layer, [slots, heads,
-    WINDOW, head_dim], position p at index p % WINDOW; ``positions`` says which position each index holds (-1:
-    none)."""
+    WINDOW, head_dim], position p at index p % WINDOW, all in one tensor so that a sequence moves in one copy;
+    ``positions`` says which position each index holds (-1: none)."""
 
     def __init__(self, slots: int) -> None:
-        shape = (slots, HEADS, WINDOW, DIM // HEADS)
-        self.keys = [torch.zeros(shape, dtype=torch.float64) for _ in range(LAYERS)]
-        self.values = [torch.zeros(shape, dtype=torch.float64) for _ in range(LAYERS)]
+        self.windows = torch.zeros((LAYERS, 2, slots, HEADS, WINDOW, DIM // HEADS), dtype=torch.float64)
+        self.keys = [self.windows[layer, 0] for layer in range(LAYERS)]  # views of ``windows``
+        self.values = [self.windows[layer, 1] for layer in range(LAYERS)]
         self.positions = torch.full((slots, WINDOW), -1)
 
     def move(self, source: int, target: int) -> None:
         """Slot ``source``'s sequence into slot ``target``."""
-        for tensor in (*self.keys, *self.values, self.positions):
-            tensor[target] = tensor[source]
+        self.windows[:, :, target] = self.windows[:, :, source]
+        self.positions[target] = self.positions[source]
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(DIM)
         self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: "Step") -> torch.Tensor:
-        """``x``: [tokens, DIM], the decoding tokens (one per slot, from slot 0) then the prompts' tokens."""
+    def forward(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: "Step", final: bool
+    ) -> torch.Tensor:
+        """``x``: [tokens, DIM], the decoding tokens (one per slot, from slot 0) then the prompts' tokens. The
+        ``final`` block returns one row per sequence, its last token's: every token's keys and values go into the
+        cache, but the other rows of a prompt would feed nothing after it."""
         q, k, v = self.qkv(self.norm1(x)).view(-1, 3, HEADS, DIM // HEADS).unbind(1)
         keys[step.slots, :, step.index] = k
         values[step.slots, :, step.index] = v
+        if final and step.prompts:
+            x, q = x[step.last], q[step.last]
+            heard = attend(q, keys[step.windows], values[step.windows], step.visible[step.last])
+            x = x + self.out(heard.reshape(-1, DIM))
+            return x + self.mlp(self.norm2(x))
         b = step.decoding
         heard = [attend(q[:b], keys[:b], values[:b], step.visible[:b])] if b else []
         start = b
@@ -95,6 +105,9 @@ class Step:
         self.visible = (seen >= 0) & (seen <= self.at[:, None])
         ends = torch.tensor([len(prompt) for _, prompt in prompts], dtype=torch.long).cumsum(0)
         self.last = torch.cat([torch.arange(self.decoding), self.decoding + ends - 1])  # each sequence's last token
+        sequences = list(range(self.decoding)) + [slot for slot, _ in prompts]  # each sequence's slot
+        in_place = sequences == list(range(len(sequences)))  # as the handler places them: read in place
+        self.windows = slice(0, len(sequences)) if in_place else torch.tensor(sequences, dtype=torch.long)
 
 
 class TinyDecoder(nn.Module):
@@ -115,9 +128,9 @@ class TinyDecoder(nn.Module):
         step = Step(cache, positions, prompts)
         flat = torch.tensor(tokens + [t for _, prompt in prompts for t in prompt], dtype=torch.long)
         x = self.embed(flat) + self.position(step.at)
-        for block, keys, values in zip(self.blocks, cache.keys, cache.values, strict=True):
-            x = block(x, keys, values, step)
-        return self.head(self.norm(x[step.last])).argmax(-1).tolist()
+        for i, (block, keys, values) in enumerate(zip(self.blocks, cache.keys, cache.values, strict=True)):
+            x = block(x, keys, values, step, final=i == LAYERS - 1)
+        return self.head(self.norm(x)).argmax(-1).tolist()  # one row per sequence (see Block.forward)
 
 
 class Sequence:

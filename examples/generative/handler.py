@@ -15,10 +15,12 @@ import functools
 import json
 
 import torch
-from decoder import POSITIONS, WINDOW, Cache, Sequence, build, tokens_of
+from decoder import POSITIONS, VOCAB, WINDOW, Cache, Sequence, build, tokens_of
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
+
+CHUNKS = [f"{token}\n" for token in range(VOCAB)]  # each token's chunk
 
 
 class Generator(BaseHandler):
@@ -27,6 +29,7 @@ class Generator(BaseHandler):
         self.model = build(int(context.model_yaml_config.get("handler", {}).get("seed", 0)))
         self.cache = Cache(context.system_properties["batch_size"])
         self.sequences = {}  # by request id, in the cache's first slots
+        self.slots = []  # the request id of each slot in use
         self.continuous = context.model_yaml_config.get("continuousBatching") is True
         self.shrink = context.model_yaml_config.get("handler", {}).get("static") == "shrink"
         self.initialized = True
@@ -104,7 +107,7 @@ class Generator(BaseHandler):
         """One step of the model: the next token of every sequence in the cache (but those ``idle``, whose tokens are
         dropped), and the first of each request joining (its prompt runs into the cache in the same pass); the
         chunks, by request id."""
-        running = sorted(self.sequences.items(), key=lambda item: item[1].slot)
+        running = [(rid, self.sequences[rid]) for rid in self.slots]
         prompts = [(len(running) + i, tokens) for i, (tokens, _) in enumerate(joining.values())]
         tokens = [s.token for _, s in running]
         made = self.model.step(self.cache, tokens, [s.position for _, s in running], prompts)
@@ -112,14 +115,15 @@ class Generator(BaseHandler):
         firsts = made[len(running) :]
         for (rid, (prompt, count)), (slot, _), token in zip(joining.items(), prompts, firsts, strict=True):
             self.sequences[rid] = Sequence(slot, len(prompt), token, count - 1)
-            chunks[rid] = f"{token}\n"
+            self.slots.append(rid)
+            chunks[rid] = CHUNKS[token]
         return chunks
 
     def advance(self, rid, token):
         """Take ``token`` as the next of request ``rid``; its chunk."""
         sequence = self.sequences[rid]
         sequence.token, sequence.position, sequence.remaining = token, sequence.position + 1, sequence.remaining - 1
-        return f"{token}\n"
+        return CHUNKS[token]
 
     def finished(self, rid, chunk):
         """TorchServe's stopping criterion of one request, called with its chunk after each iteration."""
@@ -134,7 +138,9 @@ class Generator(BaseHandler):
         sequence = self.sequences.pop(rid, None)
         if sequence is None:
             return
-        last = next((s for s in self.sequences.values() if s.slot == len(self.sequences)), None)
-        if last is not None:
-            self.cache.move(last.slot, sequence.slot)
-            last.slot = sequence.slot
+        last = self.slots.pop()
+        if last != rid:
+            moved = self.sequences[last]
+            self.cache.move(moved.slot, sequence.slot)
+            moved.slot = sequence.slot
+            self.slots[sequence.slot] = last
