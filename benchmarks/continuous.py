@@ -24,7 +24,12 @@ arrival to first chunk, ``servekit_request_latency_seconds``); the median gap be
 is one iteration of the worker, and TTFT in those iterations; from the server's metrics, requests per handler call
 (the iteration's batch, or the static batch) and the worker's busy fraction; the cores used by the front end, the
 workers and the client (from /proc; the C client's from its getrusage). Models alternate within a round, and the
-order alternates between rounds; the table has the medians over rounds.
+order alternates between rounds; the table has the medians over rounds. Below it, for each count of streams, the
+ratio of tokens per second of each round's pair (continuous over static, measured one after the other): the
+machine's speed moves less within a pair than between rounds, and static batching's own tokens per second moves with
+the cohorts its closed loop falls into, set by how the streams' first requests fell into batches (rounds of
+alternating batches of ~60 and of a few, or of ~30 and ~35, were seen), so read the spread of these ratios, not one
+number.
 
 The client (``--client``) is ``benchmarks/streamclient.c`` by default, compiled with ``cc`` into ``$BENCH_WORKDIR``
 on first use: one C process, one thread and epoll, that runs the streams as described and prints what it measured
@@ -389,6 +394,16 @@ def main() -> None:
                 f"{m['ttft_p50_iterations']:.2f} | "
                 f"{m['requests_per_call']:.1f} | {m['handler_busy']:.2f} | {cores} |"
             )
+    for streams in (int(s) for s in args.streams.split(",")):
+        pairs = [
+            {r["mode"]: r["tokens_per_s"] for r in results if r["streams"] == streams and r["round"] == round_}
+            for round_ in range(args.rounds)
+        ]
+        ratios = sorted(pair["continuous"] / pair["static"] for pair in pairs)
+        print(
+            f"{streams} streams, continuous over static tokens/s in each round: {', '.join(f'{r:.2f}' for r in ratios)}"
+            f" (median {statistics.median(ratios):.2f})"
+        )
 
 
 TABLE = (
