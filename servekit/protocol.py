@@ -352,7 +352,7 @@ JOIN_BELOW = 1 << 16  # bytes: a smaller frame is copied into one buffer and sen
 def send_frame(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
     """Blocking send of a whole frame (worker side). A small frame goes as one buffer: a step of many small chunks
     is as many buffers, and the kernel's cost per buffer of a ``sendmsg`` (~0.5 us) exceeds that of copying them."""
-    if sum(len(b) for b in buffers) < JOIN_BELOW:
+    if sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) < JOIN_BELOW:
         sock.sendall(b"".join(buffers))
         return
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
