@@ -356,9 +356,10 @@ def main() -> None:
     lines = work / "bodies.jsonl"  # for the C client: one body a line
     lines.write_bytes(b"".join(body + b"\n" for body in bodies))
     process = start(work, prepare(work, args.batch_size, args.static))
+    counts = [int(s) for s in args.streams.split(",")]
     results: list[dict[str, Any]] = []
     try:
-        for streams in (int(s) for s in args.streams.split(",")):
+        for streams in counts:
             for round_ in range(args.rounds):
                 for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
                     if binary is None:
@@ -376,7 +377,8 @@ def main() -> None:
     setting = f"batchSize {args.batch_size}, static {args.static}{think}, client {args.client}"
     print(f"\n{setting}, {args.rounds} x {args.seconds:g} s; medians:")
     print(TABLE)
-    for streams in (int(s) for s in args.streams.split(",")):
+    paired = []  # a line per count of streams, under the table
+    for streams in counts:
         rows = {mode: [r for r in results if r["streams"] == streams and r["mode"] == mode] for mode in MODES}
         medians = {
             mode: {key: statistics.median(float(r[key]) for r in rows[mode]) for key in rows[mode][0] if key != "mode"}
@@ -394,16 +396,13 @@ def main() -> None:
                 f"{m['ttft_p50_iterations']:.2f} | "
                 f"{m['requests_per_call']:.1f} | {m['handler_busy']:.2f} | {cores} |"
             )
-    for streams in (int(s) for s in args.streams.split(",")):
-        pairs = [
-            {r["mode"]: r["tokens_per_s"] for r in results if r["streams"] == streams and r["round"] == round_}
-            for round_ in range(args.rounds)
-        ]
-        ratios = sorted(pair["continuous"] / pair["static"] for pair in pairs)
-        print(
+        static = {r["round"]: r["tokens_per_s"] for r in rows["static"]}
+        ratios = sorted(r["tokens_per_s"] / static[r["round"]] for r in rows["continuous"])
+        paired.append(
             f"{streams} streams, continuous over static tokens/s in each round: {', '.join(f'{r:.2f}' for r in ratios)}"
             f" (median {statistics.median(ratios):.2f})"
         )
+    print("\n".join(paired))
 
 
 TABLE = (

@@ -105,9 +105,11 @@ class Step:
         self.visible = (seen >= 0) & (seen <= self.at[:, None])
         ends = torch.tensor([len(prompt) for _, prompt in prompts], dtype=torch.long).cumsum(0)
         self.last = torch.cat([torch.arange(self.decoding), self.decoding + ends - 1])  # each sequence's last token
-        sequences = list(range(self.decoding)) + [slot for slot, _ in prompts]  # each sequence's slot
-        in_place = sequences == list(range(len(sequences)))  # as the handler places them: read in place
-        self.windows = slice(0, len(sequences)) if in_place else torch.tensor(sequences, dtype=torch.long)
+        self.windows: slice | torch.Tensor = slice(0, self.decoding)  # each sequence's slot: read in place if in order
+        if prompts:  # (the final block reads these only when prompts join; see Block.forward)
+            sequences = list(range(self.decoding)) + [slot for slot, _ in prompts]
+            in_order = sequences == list(range(len(sequences)))  # as the handler places them
+            self.windows = slice(0, len(sequences)) if in_order else torch.tensor(sequences, dtype=torch.long)
 
 
 class TinyDecoder(nn.Module):
