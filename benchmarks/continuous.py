@@ -25,11 +25,13 @@ is one iteration of the worker, and TTFT in those iterations; from the server's 
 (the iteration's batch, or the static batch) and the worker's busy fraction; the cores used by the front end, the
 workers and the client (from /proc; the C client's from its getrusage). Models alternate within a round, and the
 order alternates between rounds; the table has the medians over rounds. Below it, for each count of streams, the
-ratio of tokens per second of each round's pair (continuous over static, measured one after the other): the
-machine's speed moves less within a pair than between rounds, and static batching's own tokens per second moves with
-the cohorts its closed loop falls into, set by how the streams' first requests fell into batches (rounds of
-alternating batches of ~60 and of a few, or of ~30 and ~35, were seen), so read the spread of these ratios, not one
-number.
+ratio of tokens per second of each round's pair (continuous over static, measured one after the other), with the
+sizes of static batching's batches in that round (``servekit_batch_size``, by bucket): the machine's speed moves less
+within a pair than between rounds, and static batching's own tokens per second moves with the cohorts its closed loop
+falls into. A batch leaves as soon as the worker is free (servekit never waits out ``maxBatchDelay``), so the streams
+split into two cohorts that alternate, set by how their first requests fell into batches; a cohort of ~60 with one
+of a few is static batching's fastest split here (the small batch costs little per step), two of ~32 its slowest. So
+read the spread of these ratios and the splits beside them, not one number.
 
 The client (``--client``) is ``benchmarks/streamclient.c`` by default, compiled with ``cc`` into ``$BENCH_WORKDIR``
 on first use: one C process, one thread and epoll, that runs the streams as described and prints what it measured
@@ -151,6 +153,7 @@ class Stats:
     errors: int = 0
     cpu: tuple[float, ...] = (0.0, 0.0, 0.0)  # cores used in the window: front end, workers, this client
     calls: tuple[float, ...] = (0.0,) * 5  # in the window: see ``handler_calls``
+    batches: dict[float, float] = field(default_factory=dict)  # in the window: handler calls by batch size bucket
 
 
 async def stream(
@@ -210,33 +213,43 @@ def cpu(server: int) -> tuple[float, float, float]:
     return cpu_seconds(server), sum(cpu_seconds(c) for c in children), time.process_time()
 
 
-def handler_calls(model: str) -> tuple[float, float, float, float, float]:
+def handler_calls(model: str) -> tuple[tuple[float, float, float, float, float], dict[float, float]]:
     """The server's counts so far for ``model``: handler calls, their seconds, the requests in them, and the requests
-    answered and their seconds from arrival to the first chunk (the front end's view of the time to first token)."""
+    answered and their seconds from arrival to the first chunk (the front end's view of the time to first token);
+    and its handler calls by the bucket of their batch size (``servekit_batch_size``, by upper bound, not
+    cumulative)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT + 2}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    values = {}
+    values, cumulative = {}, {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
-        if f'model_name="{model}"' in name:
-            values[name.split("{")[0]] = float(value)
-    return (
+        if f'model_name="{model}"' not in name:
+            continue
+        if name.startswith("servekit_batch_size_bucket"):
+            cumulative[float(name.split('le="', 1)[1].split('"', 1)[0])] = float(value)
+        values[name.split("{")[0]] = float(value)
+    buckets, below = {}, 0.0
+    for bound in sorted(cumulative):
+        buckets[bound], below = cumulative[bound] - below, cumulative[bound]
+    calls = (
         values["servekit_handler_time_seconds_count"],
         values["servekit_handler_time_seconds_sum"],
         values["servekit_batch_size_sum"],
         values["servekit_request_latency_seconds_count"],
         values["servekit_request_latency_seconds_sum"],
     )
+    return calls, buckets
 
 
 async def measure(model: str, warmup: float, seconds: float, server: int, stats: Stats) -> None:
     """The window's cores (``cpu``) and handler calls, from ``warmup`` s on for ``seconds``."""
     await asyncio.sleep(warmup)
-    before, calls = cpu(server), await asyncio.to_thread(handler_calls, model)
+    before, (calls, batches) = cpu(server), await asyncio.to_thread(handler_calls, model)
     await asyncio.sleep(seconds)
     stats.cpu = tuple((after - b) / seconds for after, b in zip(cpu(server), before, strict=True))
-    after = await asyncio.to_thread(handler_calls, model)
+    after, batches_after = await asyncio.to_thread(handler_calls, model)
     stats.calls = tuple(a - b for a, b in zip(after, calls, strict=True))
+    stats.batches = {bound: n - batches.get(bound, 0.0) for bound, n in batches_after.items()}
 
 
 async def load(
@@ -317,7 +330,19 @@ def summary(stats: Stats, seconds: float) -> dict[str, float]:
         "cpu_front_end": stats.cpu[0],
         "cpu_workers": stats.cpu[1],
         "cpu_client": stats.cpu[2],
+        "batch_sizes": batch_sizes(stats.batches),
     }
+
+
+def batch_sizes(buckets: dict[float, float]) -> str:
+    """Handler calls by batch size, the largest first: ``"33-64 x15, 17-32 x15"``."""
+    cells, low = [], 1
+    for bound in sorted(b for b in buckets if b != float("inf")):  # a batch is at most batchSize: never over
+        high = int(bound)
+        if buckets[bound]:
+            cells.append(f"{low}-{high} x{buckets[bound]:.0f}" if low < high else f"{low} x{buckets[bound]:.0f}")
+        low = high + 1
+    return ", ".join(reversed(cells))
 
 
 def main() -> None:
@@ -380,10 +405,8 @@ def main() -> None:
     paired = []  # a line per count of streams, under the table
     for streams in counts:
         rows = {mode: [r for r in results if r["streams"] == streams and r["mode"] == mode] for mode in MODES}
-        medians = {
-            mode: {key: statistics.median(float(r[key]) for r in rows[mode]) for key in rows[mode][0] if key != "mode"}
-            for mode in MODES
-        }
+        numbers = [key for key in rows["static"][0] if key not in ("mode", "batch_sizes")]
+        medians = {m: {key: statistics.median(float(r[key]) for r in rows[m]) for key in numbers} for m in MODES}
         for mode in MODES:
             m = medians[mode]
             ratio = m["tokens_per_s"] / medians["static"]["tokens_per_s"]
@@ -396,11 +419,12 @@ def main() -> None:
                 f"{m['ttft_p50_iterations']:.2f} | "
                 f"{m['requests_per_call']:.1f} | {m['handler_busy']:.2f} | {cores} |"
             )
-        static = {r["round"]: r["tokens_per_s"] for r in rows["static"]}
-        ratios = sorted(r["tokens_per_s"] / static[r["round"]] for r in rows["continuous"])
+        static = {r["round"]: r for r in rows["static"]}
+        ratios = [(r["tokens_per_s"] / static[r["round"]]["tokens_per_s"], r["round"]) for r in rows["continuous"]]
+        rounds = "; ".join(f"{x:.2f} (static batches {static[i]['batch_sizes']})" for x, i in sorted(ratios))
         paired.append(
-            f"{streams} streams, continuous over static tokens/s in each round: {', '.join(f'{r:.2f}' for r in ratios)}"
-            f" (median {statistics.median(ratios):.2f})"
+            f"{streams} streams, continuous over static tokens/s in each round: {rounds}; median "
+            f"{statistics.median(x for x, _ in ratios):.2f}"
         )
     print("\n".join(paired))
 
