@@ -30,8 +30,9 @@ sizes of static batching's batches in that round (``servekit_batch_size``, by bu
 within a pair than between rounds, and static batching's own tokens per second moves with the cohorts its closed loop
 falls into. A batch leaves as soon as the worker is free (servekit never waits out ``maxBatchDelay``), so the streams
 split into two cohorts that alternate, set by how their first requests fell into batches; a cohort of ~60 with one
-of a few is static batching's fastest split here (the small batch costs little per step), two of ~32 its slowest. So
-read the spread of these ratios and the splits beside them, not one number.
+of a few is static batching's fastest split here (a batch of a few often holds no long request and ends early);
+with more in the smaller cohort, both batches run as long as a long request, whatever the split. So read the spread
+of these ratios and the splits beside them, not one number.
 
 The client (``--client``) is ``benchmarks/streamclient.c`` by default, compiled with ``cc`` into ``$BENCH_WORKDIR``
 on first use: one C process, one thread and epoll, that runs the streams as described and prints what it measured
