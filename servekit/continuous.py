@@ -196,35 +196,31 @@ class IterationLoop:
         self._send(iteration=True, handler_ms=handler_ms, size=len(streams))
 
     def _take(self, answered: list[tuple[int, Stream, Any]]) -> None:
-        """Into the outbox: the chunk of each request ``(i, stream, value)`` of the iteration; finished ones leave."""
+        """Into the outbox: the chunk of each request ``(i, stream, value)`` of the iteration, and whether it is its
+        last, by TorchServe's rule (``create_predict_response``): the stopping criterion, when the handler set them,
+        says ``ts_stream_next`` (``None`` leaves the header as the handler set it), and the request goes on while
+        that header is ``"true"``; a status of 400 or more ends it too. Finished requests leave the batch. (One loop
+        with its lookups made once: it runs for every token.)"""
+        context = self.worker.context
+        processors, criteria = context.request_processor, context.stopping_criteria
+        respond, outbox = self.worker.response, self.outbox
         for i, stream, value in answered:
             stream.joined, stream.row = True, {}
-            response, last = self._answer(i, value)
-            self.outbox.append((stream.id, response, last))
+            processor = processors[i]
+            try:
+                stop = criteria[i](value) if criteria else None
+            except Exception as exc:  # the handler's stopping criteria failed: its request fails, alone
+                message = f"stopping_criteria[{i}] failed: {type(exc).__name__}: {exc}"
+                body = error_body(500, "HandlerError", message)
+                response, last = protocol.Response(500, "application/json", body), True
+            else:
+                if stop is not None:
+                    processor.add_response_property(STREAM_NEXT, "false" if stop else "true")
+                response = respond(i, value)
+                last = response.status >= 400 or processor.get_response_header(STREAM_NEXT) != "true"
+            outbox.append((stream.id, response, last))
             if last:
                 self.batch.remove(stream)
-
-    def _answer(self, idx: int, value: Any) -> tuple[protocol.Response, bool]:
-        """Request ``idx``'s chunk of this iteration, and whether it is its last (TorchServe's rule, ``_finished``)."""
-        try:
-            finished = self._finished(idx, value)
-        except Exception as exc:  # the handler's stopping criteria failed: its request fails, alone
-            message = f"stopping_criteria[{idx}] failed: {type(exc).__name__}: {exc}"
-            return protocol.Response(500, "application/json", error_body(500, "HandlerError", message)), True
-        response = self.worker.response(idx, value)
-        return response, finished or response.status >= 400
-
-    def _finished(self, idx: int, value: Any) -> bool:
-        """TorchServe's ``create_predict_response``: the stopping criterion, when the handler set them, says
-        ``ts_stream_next``; the request goes on while that header is ``"true"``."""
-        context = self.worker.context
-        processor = context.request_processor[idx]
-        criteria = context.stopping_criteria
-        if criteria:
-            stop = criteria[idx](value)
-            if stop is not None:
-                processor.add_response_property(STREAM_NEXT, "false" if stop else "true")
-        return processor.get_response_header(STREAM_NEXT) != "true"
 
     def _failed(self, streams: list[Stream], failure: protocol.Failure) -> None:
         """An iteration raised: the requests joining it are suspected first (see the module's docstring)."""

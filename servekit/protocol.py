@@ -118,8 +118,9 @@ def encode(
     header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview] = ()
 ) -> list[bytes | bytearray | memoryview]:
     """The frame as a list of buffers, ready for ``writelines``/``sendmsg`` without joining them."""
-    head = orjson.dumps({**header, "parts": [len(p) for p in parts]})
-    total = LENGTH.size + len(head) + sum(len(p) for p in parts)
+    lengths = [len(p) for p in parts]
+    head = orjson.dumps({**header, "parts": lengths})
+    total = LENGTH.size + len(head) + sum(lengths)
     return [PREFIX.pack(total, len(head)), head, *parts]
 
 
@@ -350,9 +351,10 @@ JOIN_BELOW = 1 << 16  # bytes: a smaller frame is copied into one buffer and sen
 
 
 def send_frame(sock: socket.socket, buffers: list[bytes | bytearray | memoryview]) -> None:
-    """Blocking send of a whole frame (worker side). A small frame goes as one buffer: a step of many small chunks
-    is as many buffers, and the kernel's cost per buffer of a ``sendmsg`` (~0.5 us) exceeds that of copying them."""
-    if sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) < JOIN_BELOW:
+    """Blocking send of a whole frame, as ``encode`` made it (worker side). A small frame (its length is in its
+    prefix) goes as one buffer: a step of many small chunks is as many buffers, and the kernel's cost per buffer of a
+    ``sendmsg`` (~0.5 us) exceeds that of copying them."""
+    if PREFIX.unpack_from(buffers[0])[0] < JOIN_BELOW:
         sock.sendall(b"".join(buffers))
         return
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]

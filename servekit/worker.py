@@ -58,12 +58,15 @@ def decode_value(value: bytes, content_type: str | None, decode: bool) -> Any:
     return bytearray(value)
 
 
+TEXT = "text/plain; charset=utf-8"  # the content type of a str answer
+
+
 def encode_value(value: Any) -> tuple[bytes, str | None]:
     """A handler result as bytes and its default content type; ``TypeError`` if it cannot be sent."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), "application/octet-stream"
     if isinstance(value, str):
-        return value.encode(), "text/plain; charset=utf-8"
+        return value.encode(), TEXT
     if type(value).__module__.startswith("torch") and type(value).__name__ == "Tensor":
         import io
 
@@ -128,7 +131,7 @@ class Worker:
         outcome: list[protocol.Response] | protocol.Failure = results
         if not isinstance(results, protocol.Failure):
             typed = any(name.lower() == "content-type" for name in self.context.get_response_headers(0))
-            response = self._response(0, results[0])
+            response = self.response(0, results[0])
             outcome = [response if typed else dataclasses.replace(response, content_type="application/json")]
         records = tuple(protocol.MetricRecord(*record) for record in self.context.metrics.take())
         return protocol.BatchResult(outcome, (time.perf_counter() - start) * 1000, records)
@@ -144,11 +147,6 @@ class Worker:
         """The handler (in its envelope, if any) on ``requests`` and their decoded inputs: one result per request,
         or the failure of the whole call. ``indices`` name the requests in the chunks they stream."""
         return self._invoke(self.entry, requests, data, indices)
-
-    def response(self, idx: int, value: Any) -> protocol.Response:
-        """The answer of request ``idx`` of the last call from its ``value``, with the status and headers the handler
-        set for it."""
-        return self._response(idx, value)
 
     def _answer(self, requests: list[protocol.Request]) -> list[protocol.Response] | protocol.Failure:
         """Answer each request: v2 tensor requests through ``tensors``, the rest through the handler. A request
@@ -207,7 +205,7 @@ class Worker:
         results = self._invoke(self.entry, requests, data, indices)
         if isinstance(results, protocol.Failure):
             return results
-        return [self._response(i, value) for i, value in enumerate(results)]
+        return [self.response(i, value) for i, value in enumerate(results)]
 
     def _invoke(
         self, entry: EntryPoint, requests: list[protocol.Request], data: list[dict[str, Any]], indices: list[int]
@@ -216,11 +214,11 @@ class Worker:
         self.context.request_ids = {i: r.request_id for i, r in enumerate(requests)}
         self.context.request_processor = [RequestProcessor(dict(r.headers)) for r in requests]
         self.context.intermediate = lambda values, code: self._send_chunks(
-            [(i, self._response(i, value, code)) for i, value in values], indices
+            [(i, self.response(i, value, code)) for i, value in values], indices
         )
         try:
             results = entry(data, self.context)
-            if isinstance(results, list) and any(is_stream(value) for value in results):
+            if isinstance(results, list) and not PLAIN.issuperset(map(type, results)) and any(map(is_stream, results)):
                 results = self._stream(results, indices)
         except PredictionException as exc:  # its message alone reaches the client, as in TorchServe
             trace = traceback.format_exc()
@@ -258,18 +256,20 @@ class Worker:
             chunks = []
             for i, stream in list(active.items()):
                 try:
-                    chunks.append((i, self._response(i, next(stream))))
+                    chunks.append((i, self.response(i, next(stream))))
                 except StopIteration:
                     del active[i]
             if chunks:
                 self._send_chunks(chunks, indices)
         return final
 
-    def _response(self, idx: int, value: Any, code: int | None = None) -> protocol.Response:
+    def response(self, idx: int, value: Any, code: int | None = None) -> protocol.Response:
+        """The answer of request ``idx`` of the last call from its ``value``, with the status (``code`` if given) and
+        headers the handler set for it."""
         processor = self.context.request_processor[idx]
-        try:
-            payload, content_type = encode_value(value)
-        except (TypeError, ValueError) as exc:
+        try:  # a str (a streamed token's usual chunk) as encode_value takes it, without the call
+            payload, content_type = (value.encode(), TEXT) if type(value) is str else encode_value(value)
+        except (TypeError, ValueError) as exc:  # (a str with a lone surrogate: UnicodeEncodeError)
             message = f"Unsupported model output data type: {exc}"
             return protocol.Response(500, "application/json", error_body(500, "HandlerError", message))
         limit = self.command.max_response_size
@@ -277,7 +277,8 @@ class Worker:
             message = f"Response of {len(payload)} bytes exceeds max_response_size={limit}"
             return protocol.Response(500, "application/json", error_body(500, "ResponseTooLargeError", message))
         headers = processor.get_response_headers()
-        content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
+        if "content-type" in headers or "Content-Type" in headers:  # the handler's, in place of the default
+            content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
         status = code or processor.get_response_status_code()
         return protocol.Response(status, content_type, payload, headers, processor.get_response_status_phrase())
 

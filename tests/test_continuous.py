@@ -59,10 +59,14 @@ def handle(data, context):
             context.set_response_status(500, "boom", i)
         if modes[rid].get("header") and left[rid]:
             context.set_response_header(i, "ts_stream_next", "true")
-    context.stopping_criteria = [
-        (lambda result, rid=rid: None if modes[rid].get("header") else left[rid] == 0) for rid in ids
-    ]
+    context.stopping_criteria = [(lambda result, rid=rid: stop(rid)) for rid in ids]
     return out
+
+
+def stop(rid):
+    if modes[rid].get("stop_fails_at") == left[rid]:
+        raise ValueError("no verdict")
+    return None if modes[rid].get("header") else left[rid] == 0
 """
 
 
@@ -219,6 +223,17 @@ def test_an_error_status_ends_its_request_alone(driver: Driver) -> None:
     driver.send({"name": "a", "n": 4, "fail_at": 2}, {"name": "b", "n": 4})
     driver.iteration()
     assert texts(driver.iteration()) == {"a": (500, "a:2", True), "b": (200, "b:2", False)}
+    assert texts(driver.iteration()) == {"b": (200, "b:1", False)}
+
+
+def test_a_stopping_criterion_that_raises_fails_its_request_alone(driver: Driver) -> None:
+    driver.send({"name": "a", "n": 4, "stop_fails_at": 2}, {"name": "b", "n": 4})
+    driver.iteration()
+    chunks = texts(driver.iteration())
+    assert chunks["b"] == (200, "b:2", False)
+    status, body, last = chunks["a"]
+    assert (status, last) == (500, True)
+    assert json.loads(body)["message"] == "stopping_criteria[0] failed: ValueError: no verdict"
     assert texts(driver.iteration()) == {"b": (200, "b:1", False)}
 
 
