@@ -3,6 +3,7 @@
     python benchmarks/iteration.py                        # 64 requests in flight, 15 s
     python benchmarks/iteration.py --seconds 30 --streams 16
     python benchmarks/iteration.py --repo /tmp/before     # another checkout's servekit and example, to compare
+    python benchmarks/iteration.py --bare                 # servekit's loop alone: a handler with no model
 
 ``servekit.continuous.IterationLoop`` runs the example handler of ``examples/generative`` (the tiny transformer,
 ``continuousBatching: true``, ``batchSize`` 64) in a thread of this process, over a socket pair whose other end this
@@ -13,6 +14,10 @@ iterations. No HTTP, no second process, no client: the number moves with the loo
 bookkeeping, the handler, the model). The machine's load still moves it (on this shared machine, 10 % between two
 runs of one checkout), so alternate checkouts (``--repo``) and compare pairs. The driver shares the GIL with the loop:
 compare checkouts with this script, not with ``continuous.py``'s absolute numbers.
+
+With ``--bare``, the handler has no model: it counts each request's ``max_new_tokens`` down, one chunk per request per
+iteration, with TorchServe's stopping criteria, so what is measured is servekit's own cost per chunk (taking the
+handler's answers, building and sending the steps, requests joining and leaving) and the little the handler does.
 """
 
 from __future__ import annotations
@@ -31,6 +36,28 @@ from pathlib import Path
 from continuous import jobs  # benchmarks/continuous.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
+BARE = """
+left = {}  # request id -> chunks still to send
+
+
+def stop(rid):
+    if left[rid]:
+        return False
+    del left[rid]
+    return True
+
+
+def handle(data, context):
+    if data is None:  # loaded (TorchServe calls a function handler once with no data)
+        return None
+    ids = [context.get_request_id(i) for i in range(len(data))]
+    for rid, row in zip(ids, data):
+        if row:
+            left[rid] = row["body"]["max_new_tokens"]
+        left[rid] -= 1
+    context.stopping_criteria = [lambda chunk, rid=rid: stop(rid) for rid in ids]
+    return ["17\\n"] * len(ids)
+"""
 
 
 def main() -> None:
@@ -39,6 +66,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64, help="requests kept in flight")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose servekit and example run")
+    parser.add_argument("--bare", action="store_true", help="a handler without a model: servekit's cost per chunk")
     args = parser.parse_args()
     sys.path.insert(0, str(args.repo))
     protocol = importlib.import_module("servekit.protocol")
@@ -47,8 +75,11 @@ def main() -> None:
 
     model_dir = Path(tempfile.mkdtemp(prefix="servekit-iteration-"))
     try:
-        for name in ("handler.py", "decoder.py"):
-            shutil.copy(args.repo / "examples" / "generative" / name, model_dir)
+        if args.bare:
+            (model_dir / "handler.py").write_text(BARE)
+        else:
+            for name in ("handler.py", "decoder.py"):
+                shutil.copy(args.repo / "examples" / "generative" / name, model_dir)
         config = {"continuousBatching": True, "handler": {"seed": 0}}
         command = protocol.LoadCommand("m", str(model_dir), "handler", {}, config, args.batch_size, None, 1)
         worker_module.prepare_process(command)
@@ -94,7 +125,8 @@ def main() -> None:
         shutil.rmtree(model_dir, ignore_errors=True)
     print(
         f"{args.repo}: {tokens / cpu[0]:,.0f} tokens per CPU second of the loop "
-        f"({tokens:,} tokens, {iterations:,} iterations, {cpu[0]:.2f} CPU s, {args.streams} in flight)"
+        f"({tokens:,} tokens, {iterations:,} iterations, {cpu[0]:.2f} CPU s, {args.streams} in flight"
+        f"{', bare handler' if args.bare else ''}; {cpu[0] / tokens * 1e6:.2f} us a token)"
     )
 
 
