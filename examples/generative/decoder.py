@@ -10,6 +10,8 @@ replaced by the last, ``Cache.move``), so that a step reads their cache in place
 that a sequence decoded in a batch gets the tokens it gets alone.
 """
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -103,10 +105,11 @@ class Step:
         cache.positions[self.slots, self.index] = self.at
         seen = cache.positions[self.slots]
         self.visible = (seen >= 0) & (seen <= self.at[:, None])
-        ends = torch.tensor([len(prompt) for _, prompt in prompts], dtype=torch.long).cumsum(0)
-        self.last = torch.cat([torch.arange(self.decoding), self.decoding + ends - 1])  # each sequence's last token
+        self.last: torch.Tensor | None = None  # each sequence's last token
         self.windows: slice | torch.Tensor = slice(0, self.decoding)  # each sequence's slot: read in place if in order
         if prompts:  # (the final block reads these only when prompts join; see Block.forward)
+            ends = itertools.accumulate((len(prompt) for _, prompt in prompts), initial=self.decoding)
+            self.last = torch.tensor(list(range(self.decoding)) + [end - 1 for end in list(ends)[1:]])
             sequences = list(range(self.decoding)) + [slot for slot, _ in prompts]
             in_order = sequences == list(range(len(sequences)))  # as the handler places them
             self.windows = slice(0, len(sequences)) if in_order else torch.tensor(sequences, dtype=torch.long)

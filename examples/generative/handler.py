@@ -38,8 +38,8 @@ class Generator(BaseHandler):
         self.context = context
         if context.get_request_header(0, "describe") == "True":  # GET /models/{m}?customized=true
             return [self.describe_handle()]
-        ids = [context.get_request_id(i) for i in range(len(data))]
-        for gone in set(self.sequences) - set(ids):  # left the batch: finished, failed, or its client went away
+        ids = list(context.request_ids.values())  # by index, as get_request_id(i) gives them
+        for gone in self.sequences.keys() - ids:  # left the batch: finished, failed, or its client went away
             self.release(gone)
         if not self.continuous:
             return self.run_to_end(ids, data)
