@@ -58,15 +58,13 @@ def decode_value(value: bytes, content_type: str | None, decode: bool) -> Any:
     return bytearray(value)
 
 
-TEXT = "text/plain; charset=utf-8"  # the content type of a str answer
-
-
 def encode_value(value: Any) -> tuple[bytes, str | None]:
-    """A handler result as bytes and its default content type; ``TypeError`` if it cannot be sent."""
+    """A handler result as bytes and its default content type; ``TypeError`` if it cannot be sent (a str with a lone
+    surrogate: ``UnicodeEncodeError``, a ``ValueError``)."""
+    if isinstance(value, str):  # first: a streamed token's usual chunk
+        return value.encode(), "text/plain; charset=utf-8"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), "application/octet-stream"
-    if isinstance(value, str):
-        return value.encode(), TEXT
     if type(value).__module__.startswith("torch") and type(value).__name__ == "Tensor":
         import io
 
@@ -87,6 +85,11 @@ PLAIN = frozenset({str, bytes, bytearray, dict, list})  # the usual answers, non
 def is_stream(value: Any) -> bool:
     """A handler's answer that is streamed: an iterator (a generator), whose items are sent as chunks."""
     return type(value) not in PLAIN and isinstance(value, Iterator)
+
+
+def any_stream(values: list[Any]) -> bool:
+    """Whether any of a batch's answers is streamed; a batch of the usual types is cleared by its types alone."""
+    return not PLAIN.issuperset(map(type, values)) and any(map(is_stream, values))
 
 
 class Worker:
@@ -218,7 +221,7 @@ class Worker:
         )
         try:
             results = entry(data, self.context)
-            if isinstance(results, list) and not PLAIN.issuperset(map(type, results)) and any(map(is_stream, results)):
+            if isinstance(results, list) and any_stream(results):
                 results = self._stream(results, indices)
         except PredictionException as exc:  # its message alone reaches the client, as in TorchServe
             trace = traceback.format_exc()
@@ -267,9 +270,9 @@ class Worker:
         """The answer of request ``idx`` of the last call from its ``value``, with the status (``code`` if given) and
         headers the handler set for it."""
         processor = self.context.request_processor[idx]
-        try:  # a str (a streamed token's usual chunk) as encode_value takes it, without the call
-            payload, content_type = (value.encode(), TEXT) if type(value) is str else encode_value(value)
-        except (TypeError, ValueError) as exc:  # (a str with a lone surrogate: UnicodeEncodeError)
+        try:
+            payload, content_type = encode_value(value)
+        except (TypeError, ValueError) as exc:
             message = f"Unsupported model output data type: {exc}"
             return protocol.Response(500, "application/json", error_body(500, "HandlerError", message))
         limit = self.command.max_response_size
@@ -277,8 +280,7 @@ class Worker:
             message = f"Response of {len(payload)} bytes exceeds max_response_size={limit}"
             return protocol.Response(500, "application/json", error_body(500, "ResponseTooLargeError", message))
         headers = processor.get_response_headers()
-        if "content-type" in headers or "Content-Type" in headers:  # the handler's, in place of the default
-            content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
+        content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or content_type
         status = code or processor.get_response_status_code()
         return protocol.Response(status, content_type, payload, headers, processor.get_response_status_phrase())
 

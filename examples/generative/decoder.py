@@ -108,8 +108,8 @@ class Step:
         self.last: torch.Tensor | None = None  # each sequence's last token
         self.windows: slice | torch.Tensor = slice(0, self.decoding)  # each sequence's slot: read in place if in order
         if prompts:  # (the final block reads these only when prompts join; see Block.forward)
-            ends = itertools.accumulate((len(prompt) for _, prompt in prompts), initial=self.decoding)
-            self.last = torch.tensor(list(range(self.decoding)) + [end - 1 for end in list(ends)[1:]])
+            ends = itertools.accumulate(len(prompt) for _, prompt in prompts)  # each prompt's end, in its rows
+            self.last = torch.tensor(list(range(self.decoding)) + [self.decoding + end - 1 for end in ends])
             sequences = list(range(self.decoding)) + [slot for slot, _ in prompts]
             in_order = sequences == list(range(len(sequences)))  # as the handler places them
             self.windows = slice(0, len(sequences)) if in_order else torch.tensor(sequences, dtype=torch.long)
